@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from engine.dit import DiT, DiTConfig
+
+
+def randomized_dit(preset: str, seed: int = 0, **overrides) -> DiT:
+    """A DiT whose every parameter (zero-initialised head and norms included) is random at a realistic scale."""
+    torch.manual_seed(seed)
+    model = DiT(DiTConfig.preset(preset, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def dit_inputs(config: DiTConfig, batch: int = 2, frames: int = 5, height: int = 6, width: int = 10,
+               text_tokens: int = 512, seed: int = 1) -> dict:
+    """Random inputs with odd frames and non-square latents; timesteps anywhere in [0, 1000]."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(
+        x=torch.randn(batch, 16, frames, height, width, generator=g),
+        t=torch.tensor([3.0, 871.5, 500.0, 999.0][:batch]),
+        context=torch.randn(batch, text_tokens, config.text_dim, generator=g),
+    )
+    if config.model_type == "i2v":
+        inputs["clip_fea"] = torch.randn(batch, 257, config.clip_dim, generator=g)
+        inputs["y"] = torch.randn(batch, config.in_dim - 16, frames, height, width, generator=g)
+    return inputs
+
+
+@pytest.fixture(params=["tiny", "tiny-i2v"])
+def preset(request) -> str:
+    return request.param
