@@ -1,0 +1,21 @@
+"""The README's main command, through DeepSpeed's real launcher."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_main_command_says_prfl_is_not_built_and_fails():
+    done = subprocess.run(["deepspeed", "runners/prfl.py", "--ds_config", "ds_configs/z3_offload.json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "PRFL training is not built yet" in done.stderr + done.stdout
+
+
+def test_runner_rejects_a_bad_override():
+    done = subprocess.run([sys.executable, "runners/prfl.py", "sampling.step=3"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert "did you mean sampling.steps" in done.stderr
