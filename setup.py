@@ -1,0 +1,33 @@
+"""prfl: process reward feedback learning for Wan2.1 video DiTs, on DeepSpeed."""
+
+from setuptools import setup
+
+setup(
+    name="prfl",
+    version="0.1.0",
+    description="Latent-space reward feedback learning (PRFL) and process-aware reward models for Wan2.1 video DiTs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["engine", "kernels"],
+    # Lower bounds are the versions this project is tested with (see README, "Tested versions").
+    install_requires=[
+        "torch>=2.13",
+        "deepspeed>=0.19",
+        "diffusers>=0.42",
+        "transformers>=5.0",
+        "huggingface_hub>=2.0",
+        "safetensors>=0.8",
+        "tensorboard>=2.21",
+        "pyyaml>=6.0",
+        "triton>=3.9",
+        "liger-kernel>=0.8",
+        "peft>=0.21",
+        "av>=18",
+        "tqdm>=4.70",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "gpu": ["flash-attn>=2.7"],
+    },
+)
