@@ -30,7 +30,6 @@ class ModelConfig:
     preset: str = "tiny"  # architecture from engine.dit.PRESETS, used when `path` is not set
     path: str | None = None  # local Wan2.1 / diffusers checkpoint (folder or .safetensors); its config wins
     attention_backend: Literal["sdpa", "flash"] = "sdpa"  # flash needs the `gpu` extra
-    gradient_checkpointing: bool = True  # recompute each block in backward
 
     def __post_init__(self) -> None:
         if self.path is None and self.preset not in PRESETS:
@@ -54,12 +53,95 @@ class SamplingConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """What the engine keeps of the activations between forward and backward."""
+
+    checkpointing: bool = True  # keep only each block's input and recompute the block in backward
+    offload: bool = False  # park those block inputs in pinned host memory (GPU; needs checkpointing)
+
+    def __post_init__(self) -> None:
+        if self.offload and not self.checkpointing:
+            raise ConfigError("memory.offload=true needs memory.checkpointing=true (only block inputs are offloaded)")
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks share the work beyond data parallelism."""
+
+    sp_size: int = 1  # Ulysses sequence-parallel degree; must divide the world size and the head count
+
+    def __post_init__(self) -> None:
+        if self.sp_size < 1:
+            raise ConfigError(f"parallel.sp_size={self.sp_size}: expected at least 1")
+
+
+@dataclass
+class DataConfig:
+    """Training samples. `random`: an in-memory set of random latents and text (engine tests, smoke runs)."""
+
+    source: Literal["random"] = "random"
+    num_samples: int = 16  # size of the random set
+    latent_shape: tuple[int, int, int] = (5, 6, 10)  # latent (frames, height, width) of the random set
+    text_tokens: int = 16  # text tokens per random prompt
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError(f"data.num_samples={self.num_samples}: expected at least 1")
+
+
+@dataclass
+class SFTConfig:
+    """The flow-matching (SFT) loss on real latents."""
+
+    timesteps: Literal["uniform", "logit_normal"] = "uniform"  # training sigma distribution before the shift
+    shift: float = 1.0  # shift applied to the sampled sigmas (1 = none)
+    text_dropout: float = 0.1  # probability of replacing the prompt by the empty one (CFG training)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ConfigError(f"sft.text_dropout={self.text_dropout}: expected a probability in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the loop around it."""
+
+    steps: int = 10  # optimizer steps in the run
+    micro_batch_size: int = 1  # samples per data-parallel group per forward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-5  # peak learning rate
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0  # linear warm-up from 0
+    schedule: Literal["constant", "cosine"] = "constant"  # after warm-up
+    grad_clip: float = 1.0  # max global grad norm, applied once per optimizer step (0 = off)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    log_every: int = 1  # optimizer steps between log lines
+    eval_every: int = 0  # optimizer steps between evaluations (0 = never)
+    save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept on disk
+    export: bool = True  # write consolidated safetensors (DiT.from_pretrained) beside every checkpoint
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: expected at least 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr}: expected a positive number")
+
+
+@dataclass
 class RunConfig:
     """One training or generation run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    seed: int = 0  # base seed; ranks derive theirs from it
+    train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    seed: int = 0  # base seed; each data-parallel group derives its own, shared by its sequence-parallel ranks
     output_dir: str = "runs/default"  # checkpoints, logs, the resolved config
 
 
@@ -109,6 +191,11 @@ def _coerce(value: Any, tp, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{where}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
     return value

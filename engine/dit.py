@@ -7,8 +7,8 @@ checkpoints written by the reference PRFL code and our own exports are interchan
 Numerics follow Wan: the residual stream, modulation, norms, time embedding and output head run in fp32, the
 linear layers of attention/FFN/text embedding in the parameters' dtype (bf16 when trained in bf16), rotary phases
 are computed in float64. The model is single-device: ZeRO, Ulysses and activation offload are applied from outside
-(`engine/parallel.py`, `engine/offload.py`); the seams they use are `DiT.embed`, `DiT.blocks`, `DiT.finalize`
-and `Attention` (the parameter-free attention core of the self-attention).
+(`engine/parallel.py`, `engine/offload.py`); the seams they use are `DiT.embed`, `DiT.run_block`,
+`DiT.unpatchify` and `Attention` (the parameter-free attention core of the self-attention).
 
 Shapes: B batch, C channels, F/H/W latent frames/height/width, S = (F/pt)(H/ph)(W/pw) video tokens, D model dim,
 L text tokens (padded to `text_len` = 512 like Wan), N heads, Dh head dim.
@@ -436,10 +436,9 @@ class DiT(nn.Module):
             return checkpoint(block, tokens, emb.e6, emb.context, emb.rope, use_reentrant=False)
         return block(tokens, emb.e6, emb.context, emb.rope)
 
-    def finalize(self, tokens: torch.Tensor, emb: Embedded) -> torch.Tensor:
-        """Head and unpatchify: [B, S, D] -> [B, out_dim, F, H, W] fp32."""
-        out = self.head(tokens, emb.e)
-        (f, h, w), (pf, ph, pw) = emb.grid, self.config.patch_size
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Head output [B, S, out_dim * prod(patch)] -> [B, out_dim, F, H, W]."""
+        (f, h, w), (pf, ph, pw) = grid, self.config.patch_size
         out = out.view(out.shape[0], f, h, w, pf, ph, pw, self.config.out_dim)
         return torch.einsum("bfhwpqrc->bcfphqwr", out).reshape(out.shape[0], -1, f * pf, h * ph, w * pw)
 
@@ -472,4 +471,4 @@ class DiT(nn.Module):
             return [features[i] for i in return_features]
         for block in self.blocks:
             tokens = self.run_block(block, tokens, emb)
-        return self.finalize(tokens, emb)
+        return self.unpatchify(self.head(tokens, emb.e), emb.grid)

@@ -50,14 +50,13 @@ def timestep_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
     return sigma * NUM_TRAIN_TIMESTEPS
 
 
-def sample_training_sigmas(batch: int, scheme: Literal["uniform", "logit_normal"] = "uniform", shift: float = 1.0,
-                           logit_mean: float = 0.0, logit_std: float = 1.0, device: torch.device | str = "cpu",
-                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Training sigmas [B]: uniform in (0, 1) or logit-normal (SD3), then shifted."""
+def training_sigmas(u: torch.Tensor, scheme: Literal["uniform", "logit_normal"] = "uniform", shift: float = 1.0,
+                    logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """Training sigmas from uniform draws u in [0, 1): uniform, or logit-normal (SD3) by inverse CDF; then shifted."""
     if scheme == "uniform":
-        sigma = torch.rand(batch, device=device, generator=generator)
+        sigma = u
     elif scheme == "logit_normal":
-        sigma = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, device=device, generator=generator))
+        sigma = torch.sigmoid(logit_mean + logit_std * torch.special.ndtri(u.clamp(1e-7, 1 - 1e-7)))
     else:
         raise ValueError(f"timestep scheme {scheme!r}: expected 'uniform' or 'logit_normal'")
     return shift_sigma(sigma, shift)

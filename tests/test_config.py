@@ -16,9 +16,12 @@ def test_every_recipe_validates(recipe):
 
 
 def test_overrides_are_typed():
-    config = load_config(ROOT / "configs/tiny.yaml", ["sampling.steps=3", "sampling.shift=2", "model.path=/w"])
+    config = load_config(ROOT / "configs/tiny.yaml", ["sampling.steps=3", "sampling.shift=2", "model.path=/w",
+                                                      "train.lr=1e-4", "data.latent_shape=[3, 4, 6]"])
     assert (config.sampling.steps, config.sampling.shift, config.model.path) == (3, 2.0, "/w")
     assert isinstance(config.sampling.shift, float)
+    assert config.train.lr == 1e-4  # PyYAML alone would read 1e-4 as a string
+    assert config.data.latent_shape == (3, 4, 6)
 
 
 def test_unknown_override_names_the_closest_key():
@@ -35,6 +38,8 @@ def test_unknown_yaml_key_names_file_and_closest_key(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("sampling.steps=many", r"sampling\.steps='many': expected int, got str"),
+    ("train.lr=fast", r"train\.lr='fast': expected float, got str"),
+    ("data.latent_shape=[3, 4]", r"data\.latent_shape=\[3, 4\]: expected 3 items"),
     ("seed=true", r"seed=True: expected int, got bool"),
     ("model.attention_backend=xformers", r"expected one of 'sdpa', 'flash'"),
     ("sampling.steps=0", r"sampling\.steps=0: expected at least 1"),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.flow import (add_noise, guided_velocity, make_scheduler, predict_x0, sample, sample_training_sigmas,
+from engine.flow import (add_noise, guided_velocity, make_scheduler, predict_x0, sample, training_sigmas,
                          shift_sigma, timestep_from_sigma, velocity_target)
 
 
@@ -77,10 +77,12 @@ def test_classifier_free_guidance_combines_conditional_and_negative():
 
 
 def test_training_sigmas():
-    g = torch.Generator().manual_seed(0)
-    uniform = sample_training_sigmas(20000, "uniform", generator=g)
-    assert 0 <= uniform.min() and uniform.max() <= 1 and abs(uniform.mean().item() - 0.5) < 0.01
-    shifted = sample_training_sigmas(20000, "logit_normal", shift=3.0, generator=g)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(training_sigmas(u, "uniform"), u)
+    torch.testing.assert_close(training_sigmas(u, "uniform", shift=3.0), shift_sigma(u, 3.0))
+    logit = torch.logit(training_sigmas(u, "logit_normal", logit_mean=0.5, logit_std=2.0))
+    assert abs(logit.mean().item() - 0.5) < 0.05 and abs(logit.std().item() - 2.0) < 0.05
+    shifted = training_sigmas(u, "logit_normal", shift=3.0)
     assert abs(shifted.median().item() - shift_sigma(0.5, 3.0)) < 0.01
     with pytest.raises(ValueError, match="'uniform' or 'logit_normal'"):
-        sample_training_sigmas(2, "beta")
+        training_sigmas(u, "beta")
