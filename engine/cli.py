@@ -14,6 +14,10 @@ def run_parser(description: str, default_config: str) -> argparse.ArgumentParser
                                      epilog="Overrides: section.key=value, e.g. sampling.steps=20 seed=3")
     parser.add_argument("--config", default=default_config, help=f"YAML recipe (default: {default_config})")
     parser.add_argument("--ds_config", default="ds_configs/z3_offload.json", help="DeepSpeed JSON config")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="auto: the newest complete checkpoint of the run, if any; or a checkpoint folder")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate config, DeepSpeed config and data, print a memory estimate, and exit")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser

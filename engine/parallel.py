@@ -1,0 +1,162 @@
+"""Process groups and Ulysses sequence parallelism for the DiT.
+
+Ranks form groups of `sp_size` consecutive ranks that share one sample and split its video tokens; the groups are
+the data-parallel replicas. ZeRO-3 partitions and reduces over all ranks (DeepSpeed's "sequence data parallel"
+group): gradients are summed over a sequence-parallel group and averaged over data-parallel replicas, which is
+what `deepspeed.initialize(mpu=...)` does with DeepSpeed's own `parallel_state_sp` groups.
+
+Ulysses (`apply_ulysses`) works on an unmodified DiT through its seams:
+- `DiT.embed`: the token sequence is padded to a multiple of `sp_size` and each rank keeps its slice, with the
+  rotary phases of that slice;
+- `Attention` (self-attention core): DeepSpeed's `DistributedAttention` all-to-alls q/k/v from sequence shards to
+  head shards, the local attention ignores the padding keys, and the output goes back to sequence shards;
+- `DiT.unpatchify`: the head runs on each slice (it is per token), and its outputs are gathered, padding dropped,
+  before unpatchifying.
+Cross-attention needs no communication: every rank holds the whole text.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from engine.config import ConfigError
+from engine.dit import DiT, Embedded, attention
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits: `sp_size` ranks share a sample, `dp_size` groups see different samples."""
+
+    rank: int = 0
+    world_size: int = 1
+    sp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.sp_size < 1 or self.world_size % self.sp_size:
+            raise ConfigError(f"parallel.sp_size={self.sp_size} must divide the world size {self.world_size}")
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(sp_size: int = 1):
+    """Start torch.distributed (nccl on GPU, gloo on CPU) and the sequence-parallel groups.
+
+    Returns the layout and the `mpu` to hand to `deepspeed.initialize` (None without sequence parallelism).
+    """
+    import deepspeed
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    if "RANK" not in os.environ:  # started with plain `python`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    layout = Layout(dist.get_rank(), dist.get_world_size(), sp_size)
+    if sp_size == 1:
+        return layout, None
+    parallel_state_sp.initialize_sequence_parallel(sp_size)
+    return layout, parallel_state_sp
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather sequence shards along dim 1. Every rank of the group then computes the same loss from the same
+    full tensor, so the gradient of a rank's shard is its own slice of the incoming gradient (no sum)."""
+
+    @staticmethod
+    def forward(ctx, shard: torch.Tensor, group) -> torch.Tensor:
+        ctx.group, ctx.length = group, shard.shape[1]
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, shard.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        start = dist.get_rank(ctx.group) * ctx.length
+        return grad[:, start:start + ctx.length].contiguous(), None
+
+
+class _PaddedAttention(nn.Module):
+    """Local attention over the full (padded) sequence of a head shard; padding keys at the end are left out."""
+
+    def __init__(self, backend: str, state: "_ShardState") -> None:
+        super().__init__()
+        self.backend, self.state = backend, state
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        valid = self.state.valid_len
+        return attention(q, k[:, :valid], v[:, :valid], self.backend)
+
+
+class UlyssesAttention(nn.Module):
+    """Drop-in for `Attention`: q/k/v arrive as sequence shards [B, S/sp, N, Dh] and leave the same way."""
+
+    def __init__(self, backend: str, group, state: "_ShardState") -> None:
+        super().__init__()
+        from deepspeed.sequence.layer import DistributedAttention
+
+        self.dist_attn = DistributedAttention(_PaddedAttention(backend, state), group, scatter_idx=2, gather_idx=1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.dist_attn(q, k, v, batch_dim_idx=0)
+
+
+@dataclass
+class _ShardState:
+    valid_len: int = 0  # unpadded token count of the current forward
+
+
+def apply_ulysses(model: DiT, group) -> DiT:
+    """Make `model` run sequence-parallel over `group`, in place; parameter names are unchanged."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return model
+    heads = model.config.num_heads
+    if heads % world:
+        raise ConfigError(f"parallel.sp_size={world} must divide the model's {heads} attention heads")
+    rank = dist.get_rank(group)
+    state = _ShardState()
+    for block in model.blocks:
+        block.self_attn.attn = UlyssesAttention(model.config.attention_backend, group, state)
+    embed, unpatchify = model.embed, model.unpatchify
+
+    def sharded_embed(*args, **kwargs) -> Embedded:
+        emb = embed(*args, **kwargs)
+        state.valid_len = emb.tokens.shape[1]
+        shard = -(-state.valid_len // world)  # ceil
+        pad = shard * world - state.valid_len
+        tokens = nn.functional.pad(emb.tokens, (0, 0, 0, pad))
+        rope = emb.rope._replace(cos=nn.functional.pad(emb.rope.cos, (0, 0, 0, 0, 0, pad)),
+                                 sin=nn.functional.pad(emb.rope.sin, (0, 0, 0, 0, 0, pad)))
+        lo, hi = rank * shard, (rank + 1) * shard
+        return emb._replace(tokens=tokens[:, lo:hi], rope=rope.slice(lo, hi))
+
+    def gathered_unpatchify(out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        return unpatchify(_GatherSequence.apply(out, group)[:, :state.valid_len], grid)
+
+    model.embed, model.unpatchify = sharded_embed, gathered_unpatchify
+    return model
+

@@ -1,0 +1,31 @@
+"""Flow-matching fine-tuning (SFT) of a Wan2.1 DiT on latents, with DeepSpeed.
+
+    deepspeed [--num_gpus N] runners/sft.py --ds_config ds_configs/z3_offload.json [--config configs/tiny.yaml]
+              [--resume auto|CHECKPOINT] [--dry-run] [key=value ...]
+"""
+
+import json
+import sys
+
+from engine.cli import parse_run
+from engine.config import ConfigError
+from engine.sft import SFTStep
+from engine.trainer import Trainer, dry_run
+
+
+def main(argv=None) -> int:
+    args, config, ds_config = parse_run(__doc__.strip().splitlines()[0], "configs/tiny.yaml", argv)
+    try:
+        if args.dry_run:
+            print(json.dumps(dry_run(config, ds_config), indent=2))
+            return 0
+        trainer = Trainer(config, ds_config, resume=args.resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer.fit(SFTStep(config.sft, trainer.dataset.null_context.to(trainer.device)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
