@@ -191,8 +191,11 @@ def dry_run(config: RunConfig, ds_template: dict, dataset=None) -> dict:
                                        config.data.text_tokens, seed=config.seed)
     sample = dataset[0]
     inputs = {k: v.unsqueeze(0).to("meta") for k, v in sample.items()}
-    model(inputs["latents"], torch.zeros(1, device="meta"), inputs["context"], clip_fea=inputs.get("clip_fea"),
-          y=inputs.get("y"))  # shape checks only: meta tensors carry no data
+    try:  # shape checks only: meta tensors carry no data
+        model(inputs["latents"], torch.zeros(1, device="meta"), inputs["context"], clip_fea=inputs.get("clip_fea"),
+              y=inputs.get("y"))
+    except ValueError as e:
+        raise ConfigError(f"data sample 0 does not fit the model: {e}") from None
     frames, height, width = sample["latents"].shape[1:]
     tokens = math.prod(s // p for s, p in zip((frames, height, width), dit_config.patch_size))
 
@@ -247,6 +250,12 @@ class Trainer:
         self.order = GlobalOrder(len(self.dataset), config.seed)
 
         self._check_bucket_size()
+        point = find_resume_point(self.run_dir, resume)
+        if resume not in (None, "auto") and point is None:
+            raise ConfigError(f"--resume {resume}: nothing to resume from")
+        if point is not None and (point / "universal").is_dir():
+            # A checkpoint converted with DeepSpeed's ds_to_universal loads on any number of ranks.
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         import deepspeed
 
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -255,11 +264,8 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)))
         self.step = 0
         self._write_run_info()
-        point = find_resume_point(self.run_dir, resume)
         if point is not None:
             self._load(point)
-        elif resume not in (None, "auto"):
-            raise ConfigError(f"--resume {resume}: nothing to resume from")
 
     def _check_bucket_size(self) -> None:
         zero = self.ds_config["zero_optimization"]
@@ -305,9 +311,9 @@ class Trainer:
         return list(range(first, first + size))
 
     def _batch(self, numbers: list[int]) -> dict[str, torch.Tensor]:
+        # Kept in fp32: targets are formed at full precision, the model casts its inputs itself.
         batch = collate([self.dataset[self.order.index(n)] for n in numbers])
-        dtype = next(self.model.parameters()).dtype
-        return {k: v.to(self.device, dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     # -- loop ---------------------------------------------------------------------------------------------------
 
@@ -401,8 +407,6 @@ class Trainer:
 
     def _load(self, point: Path) -> None:
         universal = (point / "universal").is_dir()
-        if universal:
-            self.engine._config.load_universal_checkpoint = True
         load_dir, tag = (point, "universal") if universal else (point.parent, point.name)
         _, client = self.engine.load_checkpoint(str(load_dir), tag=tag)
         if client is None:
