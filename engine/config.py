@@ -77,16 +77,21 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Training samples. `random`: an in-memory set of random latents and text (engine tests, smoke runs)."""
+    """Training samples: `list` (latents on disk, see engine/data.py), `synthetic` (the motion benchmark, rendered
+    on the fly) or `random` (random latents and text in memory: engine tests and smoke runs)."""
 
-    source: Literal["random"] = "random"
-    num_samples: int = 16  # size of the random set
-    latent_shape: tuple[int, int, int] = (5, 6, 10)  # latent (frames, height, width) of the random set
-    text_tokens: int = 16  # text tokens per random prompt
+    source: Literal["random", "synthetic", "list"] = "random"
+    list_file: str | None = None  # `list`: the .list file naming the samples
+    num_samples: int = 16  # `random` / `synthetic`: size of the set
+    latent_shape: tuple[int, int, int] = (5, 6, 10)  # `random`: latent (frames, height, width)
+    text_tokens: int = 16  # `random`: text tokens per prompt
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ConfigError(f"data.num_samples={self.num_samples}: expected at least 1")
+        if (self.source == "list") != (self.list_file is not None):
+            raise ConfigError(f"data.list_file={self.list_file!r} with data.source={self.source!r}: a list file "
+                              "goes with source 'list' and only with it")
 
 
 @dataclass

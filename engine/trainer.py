@@ -38,11 +38,11 @@ import yaml
 
 from engine.atomic import atomic_write_text
 from engine.config import ConfigError, RunConfig, to_dict
-from engine.data import GlobalOrder, RandomLatents, SampleRandomness, collate
+from engine.data import GlobalOrder, SampleRandomness, build_dataset, collate
 from engine.dit import DiT, DiTConfig
 from engine.offload import apply_activation_checkpointing
 from engine.parallel import Layout, apply_ulysses, init_distributed
-from engine.weights import save_dit_state
+from engine.weights import read_config, save_dit_state
 
 COMPLETE = "COMPLETE"
 StepFn = Callable[[torch.nn.Module, dict, SampleRandomness], tuple[torch.Tensor, dict]]
@@ -178,17 +178,14 @@ def dry_run(config: RunConfig, ds_template: dict, dataset=None) -> dict:
     layout = Layout(int(os.environ.get("RANK", 0)), world, config.parallel.sp_size)
     ds = resolve_ds_config(ds_template, config, layout)
     if config.model.path:
-        from engine.weights import load_dit
-
-        dit_config = load_dit(config.model.path, device="meta").config
+        dit_config = read_config(config.model.path)
     else:
         dit_config = DiTConfig.preset(config.model.preset)
     if dit_config.num_heads % layout.sp_size:
         raise ConfigError(f"parallel.sp_size={layout.sp_size} must divide the model's {dit_config.num_heads} heads")
     with torch.device("meta"):
         model = DiT(dit_config)
-    dataset = dataset or RandomLatents(dit_config, config.data.num_samples, config.data.latent_shape,
-                                       config.data.text_tokens, seed=config.seed)
+    dataset = dataset or build_dataset(config.data, dit_config, config.seed)
     sample = dataset[0]
     inputs = {k: v.unsqueeze(0).to("meta") for k, v in sample.items()}
     try:  # shape checks only: meta tensors carry no data
@@ -245,14 +242,11 @@ class Trainer:
         if config.memory.checkpointing:
             apply_activation_checkpointing(self.model, offload=config.memory.offload)
 
-        self.dataset = dataset or RandomLatents(self.model.config, config.data.num_samples, config.data.latent_shape,
-                                                config.data.text_tokens, seed=config.seed)
+        self.dataset = dataset or build_dataset(config.data, self.model.config, config.seed)
         self.order = GlobalOrder(len(self.dataset), config.seed)
 
         self._check_bucket_size()
         point = find_resume_point(self.run_dir, resume)
-        if resume not in (None, "auto") and point is None:
-            raise ConfigError(f"--resume {resume}: nothing to resume from")
         if point is not None and (point / "universal").is_dir():
             # A checkpoint converted with DeepSpeed's ds_to_universal loads on any number of ranks.
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True

@@ -161,19 +161,8 @@ def _check_keys(expected: dict[str, torch.Size], found: dict[str, tuple], source
                                   f"but {tuple(shape)} in the model")
 
 
-def load_dit(path, dtype: torch.dtype | None = torch.float32, device: torch.device | str = "cpu",
-             num_layers: int | None = None, attention_backend: str = "sdpa") -> DiT:
-    """Build a DiT from a checkpoint without materialising random weights.
-
-    Args:
-        path: folder or single safetensors file (see the module docstring).
-        dtype: dtype of the loaded parameters (None keeps the stored dtypes).
-        device: where the parameters go.
-        num_layers: build only the first `num_layers` blocks and skip the stored ones after them (the reward
-            model's trunk); None builds every block the config names.
-        attention_backend: 'sdpa' or 'flash'.
-    """
-    path = Path(path)
+def _inspect(path: Path, num_layers: int | None, attention_backend: str = "sdpa"):
+    """Config, weight files, {Wan key: (shape, file)} and {Wan key: stored key} of a checkpoint; reads headers only."""
     files = _weight_files(path)
     config_file = (path if path.is_dir() else path.parent) / "config.json"
     raw_config = json.loads(config_file.read_text()) if path.is_dir() and config_file.exists() else None
@@ -196,13 +185,33 @@ def load_dit(path, dtype: torch.dtype | None = torch.float32, device: torch.devi
             raise CheckpointError(f"num_layers={num_layers}: {path} has {fields['num_layers']} blocks")
         fields["num_layers"] = num_layers
     config = DiTConfig(**fields, attention_backend=attention_backend)
+    return config, files, found, {v: k for k, v in renames.items()}
 
+
+def read_config(path) -> DiTConfig:
+    """The architecture of a checkpoint (any accepted format), from its config and tensor headers only."""
+    return _inspect(Path(path), None)[0]
+
+
+def load_dit(path, dtype: torch.dtype | None = torch.float32, device: torch.device | str = "cpu",
+             num_layers: int | None = None, attention_backend: str = "sdpa") -> DiT:
+    """Build a DiT from a checkpoint without materialising random weights.
+
+    Args:
+        path: folder or single safetensors file (see the module docstring).
+        dtype: dtype of the loaded parameters (None keeps the stored dtypes).
+        device: where the parameters go.
+        num_layers: build only the first `num_layers` blocks and skip the stored ones after them (the reward
+            model's trunk); None builds every block the config names.
+        attention_backend: 'sdpa' or 'flash'.
+    """
+    path = Path(path)
+    config, files, found, inverse = _inspect(path, num_layers, attention_backend)
     with torch.device("meta"):
         model = DiT(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     _check_keys(expected, found, path, config.num_layers)
 
-    inverse = {v: k for k, v in renames.items()}
     for file in files:
         shard = {}
         with safe_open(file, framework="pt", device=str(device)) as f:

@@ -129,3 +129,10 @@ def test_sample_randomness_depends_only_on_the_sample_number():
     apart = torch.cat([SampleRandomness(5, [10]).randn(3), SampleRandomness(5, [11]).randn(3)])
     torch.testing.assert_close(together, apart, rtol=0, atol=0)
     assert not torch.equal(together[0], together[1])
+
+
+def test_dry_run_reads_a_checkpoint_config_without_loading_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    randomized_dit("tiny", num_layers=3).save_pretrained(tmp_path / "ckpt")
+    report = dry_run(load_config(ROOT / "configs/tiny.yaml", [f"model.path={tmp_path / 'ckpt'}"]), Z3)
+    assert report["parameters"] == sum(p.numel() for p in randomized_dit("tiny", num_layers=3).parameters())
