@@ -22,11 +22,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def main() -> int:
     run_dir = sys.argv[sys.argv.index("--run_dir") + 1]
-    config = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={run_dir}", "train.steps=2", "train.lr=1e-2"])
+    config = load_config(ROOT / "configs/tiny.yaml", [f"output_dir={run_dir}", "train.steps=2", "train.lr=1e-2",
+                                                      "train.eval_every=1"])
     ds_config = json.loads((ROOT / "ds_configs/z3_offload.json").read_text())
     trainer = Trainer(config, ds_config)
-    trainer.fit(SFTStep(config.sft, trainer.dataset.null_context))
     inputs = dit_inputs(trainer.model.config, batch=1)
+
+    def evaluate(trainer):  # the periodic evaluation hook, on gathered parameters
+        with trainer.full_parameters() as model:
+            return {"eval/output_rms": model(**inputs).square().mean().sqrt().item()}
+
+    trainer.fit(SFTStep(config.sft, trainer.dataset.null_context), evaluate=evaluate)
+    if dist.get_rank() == 0:
+        logged = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        if [("eval/output_rms" in m) for m in logged] != [True, True]:
+            print(f"evaluation hook did not run at every step: {logged}", flush=True)
+            return 1
     with torch.no_grad():
         engine_out = trainer.engine(**inputs)
     with trainer.full_parameters() as model:  # every rank holds the whole model here
