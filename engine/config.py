@@ -30,6 +30,7 @@ class ModelConfig:
     preset: str = "tiny"  # architecture from engine.dit.PRESETS, used when `path` is not set
     path: str | None = None  # local Wan2.1 / diffusers checkpoint (folder or .safetensors); its config wins
     attention_backend: Literal["sdpa", "flash"] = "sdpa"  # flash needs the `gpu` extra
+    kernel_backend: Literal["auto", "torch", "triton"] = "auto"  # fused norms/modulation; auto: triton on CUDA
 
     def __post_init__(self) -> None:
         if self.path is None and self.preset not in PRESETS:

@@ -49,8 +49,9 @@ class DiTConfig:
     eps: float = 1e-6  # epsilon of every norm
     clip_dim: int = 1280  # CLIP token width (i2v)
     attention_backend: Literal["sdpa", "flash"] = "sdpa"  # runtime choice, not saved with the weights
+    kernel_backend: Literal["auto", "torch", "triton"] = "auto"  # norms/modulation; auto: triton on CUDA, else torch
 
-    RUNTIME_FIELDS = ("attention_backend",)
+    RUNTIME_FIELDS = ("attention_backend", "kernel_backend")
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)
@@ -62,7 +63,15 @@ class DiTConfig:
             raise ValueError(f"DiTConfig: head dim {self.head_dim} (dim / num_heads) must be even for rotary")
         if self.attention_backend not in ("sdpa", "flash"):
             raise ValueError(f"DiTConfig.attention_backend={self.attention_backend!r}: expected 'sdpa' or 'flash'")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"DiTConfig.kernel_backend={self.kernel_backend!r}: expected 'auto', 'torch' or 'triton'")
 
+    @property
+    def kernels(self) -> str:
+        """The kernel backend in effect: 'triton' or 'torch'."""
+        if self.kernel_backend == "auto":
+            return "triton" if torch.cuda.is_available() else "torch"
+        return self.kernel_backend
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
@@ -95,17 +104,27 @@ PRESETS: dict[str, DiTConfig] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Elementwise pieces (the fused-kernel candidates), all computing in fp32.
+# Elementwise pieces: plain PyTorch in fp32, or the fused Triton kernels of `kernels/` (kernels="triton").
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim; fp32 result."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str = "torch") -> torch.Tensor:
+    """RMSNorm over the last dim; fp32 result with torch, x's dtype with triton."""
+    if kernels == "triton":
+        from kernels.rms_norm import rms_norm as fused
+
+        return fused(x, weight, eps)
     x = x.float()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
-def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """`LayerNorm(x) * (1 + scale) + shift` (no affine), fp32. shift/scale: [B, 1, D]."""
+def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                         kernels: str = "torch") -> torch.Tensor:
+    """`LayerNorm(x) * (1 + scale) + shift` (no affine) of the fp32 residual stream x [B, S, D]; shift/scale
+    [B, 1, D]; fp32 result."""
+    if kernels == "triton":
+        from kernels.modulated_layer_norm import modulated_layer_norm as fused
+
+        return fused(x.float(), shift, scale, eps)
     x = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
     return x * (1 + scale) + shift
 
@@ -194,13 +213,13 @@ class Attention(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, kernels: str) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernels = eps, kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.kernels)
 
 
 class SelfAttention(nn.Module):
@@ -208,8 +227,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         dim, self.num_heads = cfg.dim, cfg.num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_q = RMSNorm(dim, cfg.eps, cfg.kernels) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, cfg.eps, cfg.kernels) if cfg.qk_norm else nn.Identity()
         self.attn = Attention(cfg.attention_backend)
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -229,12 +248,12 @@ class CrossAttention(nn.Module):
         super().__init__()
         dim, self.num_heads, self.backend = cfg.dim, cfg.num_heads, cfg.attention_backend
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_q = RMSNorm(dim, cfg.eps, cfg.kernels) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, cfg.eps, cfg.kernels) if cfg.qk_norm else nn.Identity()
         self.image = cfg.model_type == "i2v"
         if self.image:
             self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
-            self.norm_k_img = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+            self.norm_k_img = RMSNorm(dim, cfg.eps, cfg.kernels) if cfg.qk_norm else nn.Identity()
 
     def _heads(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return x.to(dtype).unflatten(-1, (self.num_heads, -1))
@@ -259,7 +278,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.eps = cfg.eps
+        self.eps, self.kernels = cfg.eps, cfg.kernels
         self.self_attn = SelfAttention(cfg)
         self.norm3 = nn.LayerNorm(cfg.dim, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(cfg)
@@ -270,28 +289,28 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: Rope) -> torch.Tensor:
         """x [B, S, D] fp32 residual stream; e [B, 6, D] fp32 time modulation; context [B, L', D]."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).chunk(6, dim=1)
-        y = self.self_attn(modulated_layer_norm(x, shift_sa, scale_sa, self.eps), rope)
+        y = self.self_attn(modulated_layer_norm(x, shift_sa, scale_sa, self.eps, self.kernels), rope)
         x = x + y.float() * gate_sa
         if isinstance(self.norm3, nn.LayerNorm):
             h = F.layer_norm(x, x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
         else:
             h = x
         x = x + self.cross_attn(h, context).float()
-        h = modulated_layer_norm(x, shift_ff, scale_ff, self.eps).to(self.ffn[0].weight.dtype)
+        h = modulated_layer_norm(x, shift_ff, scale_ff, self.eps, self.kernels).to(self.ffn[0].weight.dtype)
         return x + self.ffn(h).float() * gate_ff
 
 
 class Head(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.eps = cfg.eps
+        self.eps, self.kernels = cfg.eps, cfg.kernels
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [B, S, D], e [B, D] -> [B, S, out_dim * prod(patch)] fp32."""
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
-        return linear_fp32(self.head, modulated_layer_norm(x, shift, scale, self.eps))
+        return linear_fp32(self.head, modulated_layer_norm(x, shift, scale, self.eps, self.kernels))
 
 
 class ImageEmbedding(nn.Module):
@@ -359,11 +378,11 @@ class DiT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                        num_layers: int | None = None, attention_backend: str = "sdpa") -> "DiT":
+                        num_layers: int | None = None, **runtime) -> "DiT":
         """Load an original Wan2.1 or diffusers-format checkpoint; see `engine.weights.load_dit`."""
         from engine.weights import load_dit
 
-        return load_dit(path, dtype=dtype, device=device, num_layers=num_layers, attention_backend=attention_backend)
+        return load_dit(path, dtype=dtype, device=device, num_layers=num_layers, **runtime)
 
     def save_pretrained(self, directory, max_shard_size: str | int = "5GB") -> None:
         """Write safetensors (+ index when sharded) and config.json in original Wan naming, atomically."""

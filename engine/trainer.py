@@ -272,9 +272,10 @@ class Trainer:
     def _build_model(self) -> DiT:
         cfg = self.config.model
         dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        runtime = {"attention_backend": cfg.attention_backend, "kernel_backend": cfg.kernel_backend}
         if cfg.path:
-            return DiT.from_pretrained(cfg.path, dtype=dtype, attention_backend=cfg.attention_backend)
-        return DiT(DiTConfig.preset(cfg.preset, attention_backend=cfg.attention_backend)).to(dtype)
+            return DiT.from_pretrained(cfg.path, dtype=dtype, **runtime)
+        return DiT(DiTConfig.preset(cfg.preset, **runtime)).to(dtype)
 
     @property
     def is_main(self) -> bool:

@@ -161,7 +161,7 @@ def _check_keys(expected: dict[str, torch.Size], found: dict[str, tuple], source
                                   f"but {tuple(shape)} in the model")
 
 
-def _inspect(path: Path, num_layers: int | None, attention_backend: str = "sdpa"):
+def _inspect(path: Path, num_layers: int | None, runtime: dict | None = None):
     """Config, weight files, {Wan key: (shape, file)} and {Wan key: stored key} of a checkpoint; reads headers only."""
     files = _weight_files(path)
     config_file = (path if path.is_dir() else path.parent) / "config.json"
@@ -184,7 +184,7 @@ def _inspect(path: Path, num_layers: int | None, attention_backend: str = "sdpa"
         if not 1 <= num_layers <= fields["num_layers"]:
             raise CheckpointError(f"num_layers={num_layers}: {path} has {fields['num_layers']} blocks")
         fields["num_layers"] = num_layers
-    config = DiTConfig(**fields, attention_backend=attention_backend)
+    config = DiTConfig(**fields, **(runtime or {}))
     return config, files, found, {v: k for k, v in renames.items()}
 
 
@@ -194,7 +194,7 @@ def read_config(path) -> DiTConfig:
 
 
 def load_dit(path, dtype: torch.dtype | None = torch.float32, device: torch.device | str = "cpu",
-             num_layers: int | None = None, attention_backend: str = "sdpa") -> DiT:
+             num_layers: int | None = None, **runtime) -> DiT:
     """Build a DiT from a checkpoint without materialising random weights.
 
     Args:
@@ -203,10 +203,10 @@ def load_dit(path, dtype: torch.dtype | None = torch.float32, device: torch.devi
         device: where the parameters go.
         num_layers: build only the first `num_layers` blocks and skip the stored ones after them (the reward
             model's trunk); None builds every block the config names.
-        attention_backend: 'sdpa' or 'flash'.
+        runtime: runtime fields of DiTConfig (attention_backend, kernel_backend).
     """
     path = Path(path)
-    config, files, found, inverse = _inspect(path, num_layers, attention_backend)
+    config, files, found, inverse = _inspect(path, num_layers, runtime)
     with torch.device("meta"):
         model = DiT(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}

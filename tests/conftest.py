@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU (set before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.dit import DiT, DiTConfig
 
