@@ -159,8 +159,12 @@ def rope_for_grid(grid: tuple[int, int, int], head_dim: int, device: torch.devic
     return Rope(angles.cos().float(), angles.sin().float())
 
 
-def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate adjacent pairs of x [B, S, N, Dh] by the phases; fp32 result."""
+def apply_rope(x: torch.Tensor, rope: Rope, kernels: str = "torch") -> torch.Tensor:
+    """Rotate adjacent pairs of x [B, S, N, Dh] by the phases; fp32 result with torch, x's dtype with triton."""
+    if kernels == "triton":
+        from kernels.rope import apply_rope as fused
+
+        return fused(x, rope.cos, rope.sin)
     x = x.float().unflatten(-1, (-1, 2))
     real, imag = x[..., 0], x[..., 1]
     return torch.stack((real * rope.cos - imag * rope.sin, real * rope.sin + imag * rope.cos), dim=-1).flatten(-2)
@@ -230,12 +234,13 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, cfg.eps, cfg.kernels) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, cfg.eps, cfg.kernels) if cfg.qk_norm else nn.Identity()
         self.attn = Attention(cfg.attention_backend)
+        self.kernels = cfg.kernels
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """x [B, S, D] (fp32) -> [B, S, D] in the parameters' dtype."""
         x = x.to(self.q.weight.dtype)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), rope)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), rope, self.kernels)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope, self.kernels)
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         out = self.attn(q.to(x.dtype), k.to(x.dtype), v)
         return self.o(out.flatten(2))
