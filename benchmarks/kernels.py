@@ -78,6 +78,26 @@ def modulated_layer_norm_case(rows, dim, dtype, device):
             (x, shift, scale, 1e-6))
 
 
+def residual_modulated_layer_norm_case(rows, dim, dtype, device):
+    from kernels.modulated_layer_norm import residual_modulated_layer_norm, residual_modulated_layer_norm_reference
+
+    x = torch.randn(1, rows, dim, device=device, requires_grad=True)  # the fp32 residual stream
+    y = torch.randn(1, rows, dim, dtype=dtype, device=device, requires_grad=True)
+    gate, shift, scale = (torch.randn(1, 1, dim, device=device, requires_grad=True) for _ in range(3))
+
+    def fused():
+        return torch.cat(residual_modulated_layer_norm(x, y, gate, shift, scale, 1e-6), dim=-1)
+
+    def eager():
+        return torch.cat(residual_modulated_layer_norm_reference(x, y, gate, shift, scale, 1e-6), dim=-1)
+
+    # forward: read x (fp32), y; write x', h (fp32); backward: read dx', dh, x', y; write dx, dy
+    unit = rows * dim
+    return ({"triton": fused, "eager": eager}, (x, y, gate, shift, scale), unit * (4 + y.element_size() + 8),
+            unit * (2 * (4 + y.element_size() + 8) + 8 + 4 + y.element_size()),
+            lambda *a: torch.cat(residual_modulated_layer_norm_reference(*a), dim=-1), (x, y, gate, shift, scale, 1e-6))
+
+
 def rope_case(rows, dim, dtype, device):
     from engine.dit import rope_for_grid
     from kernels.rope import apply_rope, apply_rope_reference
@@ -160,7 +180,8 @@ def main() -> int:
              [(f"{m}-{r}", WIDTHS[m], TOKENS[r]) for m in WIDTHS for r in TOKENS])
     repeats = 2 if args.smoke else args.repeats
     bandwidth = copy_bandwidth(max(n * d for _, d, n in sizes), device, repeats)
-    ops = {"rms_norm": rms_norm_case, "modulated_layer_norm": modulated_layer_norm_case, "rope": rope_case}
+    ops = {"rms_norm": rms_norm_case, "modulated_layer_norm": modulated_layer_norm_case,
+           "residual_modulated_layer_norm": residual_modulated_layer_norm_case, "rope": rope_case}
     results = []
     for label, dim, tokens in sizes:
         for dtype in (torch.bfloat16, torch.float32):

@@ -129,6 +129,19 @@ def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
     return x * (1 + scale) + shift
 
 
+def residual_modulated_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, shift: torch.Tensor,
+                                  scale: torch.Tensor, eps: float, kernels: str = "torch"
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual update `x + gate * y` (gate None: plain add) and the modulated LayerNorm of its result, fused
+    into one pass with triton; returns (new fp32 residual stream, normalised and modulated fp32 activations)."""
+    if kernels == "triton":
+        from kernels.modulated_layer_norm import residual_modulated_layer_norm as fused
+
+        return fused(x.float(), y, gate, shift, scale, eps)
+    x = x + (y.float() if gate is None else y.float() * gate)
+    return x, modulated_layer_norm(x, shift, scale, eps)
+
+
 class Rope(NamedTuple):
     """Rotary phases for each video token: cos and sin of shape [S, 1, Dh/2] (fp32)."""
 
@@ -300,9 +313,9 @@ class Block(nn.Module):
             h = F.layer_norm(x, x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
         else:
             h = x
-        x = x + self.cross_attn(h, context).float()
-        h = modulated_layer_norm(x, shift_ff, scale_ff, self.eps, self.kernels).to(self.ffn[0].weight.dtype)
-        return x + self.ffn(h).float() * gate_ff
+        x, h = residual_modulated_layer_norm(x, self.cross_attn(h, context), None, shift_ff, scale_ff, self.eps,
+                                             self.kernels)
+        return x + self.ffn(h.to(self.ffn[0].weight.dtype)).float() * gate_ff
 
 
 class Head(nn.Module):

@@ -112,3 +112,127 @@ def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
     batch, tokens, cols = x.shape
     groups = batch * shift.shape[1]
     return ModulatedLayerNormFunction.apply(x, shift.reshape(groups, cols), scale.reshape(groups, cols), eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Residual add fused with the modulated LayerNorm that follows it:
+#     x' = x + gate * y          (fp32 residual stream; gate per group, or 1 when there is none)
+#     h  = LN(x') * (1 + scale) + shift
+# One read of x and y writes both x' and h. Backward takes the gradients of both outputs.
+
+
+def residual_modulated_layer_norm_reference(x, y, gate, shift, scale, eps):
+    """Plain PyTorch; gate/shift/scale broadcast against x; gate None means 1. Returns (x', h) in x's dtype."""
+    x_new = x.float() + y.float() * (1 if gate is None else gate.float())
+    return x_new.to(x.dtype), modulated_layer_norm_reference(x_new, shift, scale, eps).to(x.dtype)
+
+
+@triton.jit
+def _residual_forward(x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, x_out_ptr, h_ptr, mean_ptr, rstd_ptr, n_cols,
+                      rows_per_group, eps, HAS_GATE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    group = row // rows_per_group
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        y = y * tl.load(gate_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32) + y
+    tl.store(x_out_ptr + row * n_cols + cols, x.to(x_out_ptr.dtype.element_ty), mask=mask)
+    mean = tl.sum(x, axis=0) / n_cols
+    centred = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
+    shift = tl.load(shift_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+    tl.store(h_ptr + row * n_cols + cols, (centred * rstd * (1 + scale) + shift).to(h_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _residual_backward(dx_out_ptr, dh_ptr, x_out_ptr, y_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, dy_ptr,
+                       partial_ptr, n_cols, rows_per_group, rows_per_program, programs_per_group, partial_stride,
+                       HAS_GATE: tl.constexpr, BLOCK: tl.constexpr):
+    group = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    scale = tl.load(scale_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        gate = tl.full([BLOCK], 1.0, tl.float32)
+    dshift = tl.zeros([BLOCK], dtype=tl.float32)
+    dscale = tl.zeros([BLOCK], dtype=tl.float32)
+    dgate = tl.zeros([BLOCK], dtype=tl.float32)
+    first = chunk * rows_per_program
+    for i in range(rows_per_program):
+        within = first + i
+        if within < rows_per_group:
+            row = (group * rows_per_group + within).to(tl.int64)
+            offs = row * n_cols + cols
+            x = tl.load(x_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x_hat = tl.where(mask, (x - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row), 0.0)
+            g = dh * (1 + scale)
+            d_norm = tl.load(rstd_ptr + row) * (g - tl.sum(g, axis=0) / n_cols
+                                                 - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+            dx = tl.load(dx_out_ptr + offs, mask=mask, other=0.0).to(tl.float32) + d_norm
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=mask)
+            dshift += dh
+            dscale += dh * x_hat
+            dgate += dx * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out = (group * programs_per_group + chunk) * n_cols + cols
+    tl.store(partial_ptr + out, dshift, mask=mask)
+    tl.store(partial_ptr + partial_stride + out, dscale, mask=mask)
+    tl.store(partial_ptr + 2 * partial_stride + out, dgate, mask=mask)
+
+
+class ResidualModulatedLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, gate, shift, scale, eps):
+        cols = x.shape[-1]
+        x2, y2 = x.reshape(-1, cols).contiguous(), y.reshape(-1, cols).contiguous()
+        rows, groups = x2.shape[0], shift.shape[0]
+        x_out, h = torch.empty_like(x2), torch.empty_like(x2)
+        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        has_gate = gate is not None
+        gate_arg = gate.contiguous() if has_gate else shift  # unread without a gate
+        _residual_forward[(rows,)](x2, y2, gate_arg, shift.contiguous(), scale.contiguous(), x_out, h, mean, rstd,
+                                   cols, rows // groups, eps, HAS_GATE=has_gate, BLOCK=triton.next_power_of_2(cols))
+        ctx.save_for_backward(x_out, y2, gate_arg, scale, mean, rstd)
+        ctx.has_gate, ctx.dtypes, ctx.shapes = has_gate, (y.dtype, shift.dtype), (x.shape, y.shape)
+        return x_out.view(x.shape), h.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dx_out, dh):
+        x_out, y2, gate, scale, mean, rstd = ctx.saved_tensors
+        rows, cols = x_out.shape
+        groups = scale.shape[0]
+        rows_per_group = rows // groups
+        programs_per_group = max(1, min(rows_per_group, 64))
+        dx_out = torch.zeros_like(x_out) if dx_out is None else dx_out.reshape(rows, cols).contiguous()
+        dh = torch.zeros_like(x_out) if dh is None else dh.reshape(rows, cols).contiguous()
+        dx, dy = torch.empty_like(x_out), torch.empty_like(y2)
+        partial = torch.empty(3, groups * programs_per_group, cols, dtype=torch.float32, device=x_out.device)
+        _residual_backward[(groups, programs_per_group)](
+            dx_out, dh, x_out, y2, gate, scale.contiguous(), mean, rstd, dx, dy, partial, cols, rows_per_group,
+            triton.cdiv(rows_per_group, programs_per_group), programs_per_group, partial[0].numel(),
+            HAS_GATE=ctx.has_gate, BLOCK=triton.next_power_of_2(cols))
+        dshift, dscale, dgate = partial.view(3, groups, programs_per_group, cols).sum(2)
+        return (dx.view(ctx.shapes[0]), dy.view(ctx.shapes[1]), dgate.to(ctx.dtypes[1]) if ctx.has_gate else None, dshift.to(ctx.dtypes[1]),
+                dscale.to(scale.dtype), None)
+
+
+def residual_modulated_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, shift: torch.Tensor,
+                                  scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `x' = x + gate * y; h = LN(x') * (1 + scale) + shift` for x, y [B, S, N] and gate/shift/scale
+    [B, 1, N] or [B, F, N] (gate may be None). Returns (x', h), both in x's dtype."""
+    batch, tokens, cols = x.shape
+    groups = batch * shift.shape[1]
+    flat = (lambda t: None if t is None else t.reshape(groups, cols))
+    x_out, h = ResidualModulatedLayerNormFunction.apply(x, y, flat(gate), flat(shift), flat(scale), eps)
+    return x_out.view(x.shape), h.view(x.shape)

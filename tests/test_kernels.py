@@ -14,7 +14,8 @@ import torch
 from conftest import dit_inputs, randomized_dit
 from engine.dit import DiT, DiTConfig, rope_for_grid
 from engine.dit import apply_rope as dit_apply_rope
-from kernels.modulated_layer_norm import modulated_layer_norm, modulated_layer_norm_reference
+from kernels.modulated_layer_norm import (modulated_layer_norm, modulated_layer_norm_reference,
+                                          residual_modulated_layer_norm, residual_modulated_layer_norm_reference)
 from kernels.rms_norm import rms_norm, rms_norm_reference
 from kernels.rope import apply_rope, apply_rope_reference
 
@@ -116,3 +117,34 @@ def test_rope_matches_reference_on_a_sequence_slice(grid, heads, head_dim, dtype
         assert_close_relative(a, b, TOL[dtype], name)
     # The reference is Wan's rotation: the DiT's own fp32 implementation gives the same numbers.
     torch.testing.assert_close(ref[0].float(), dit_apply_rope(x, rope).to(dtype).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain-add"])
+@pytest.mark.parametrize("per_frame", [False, True], ids=["per-sample", "per-frame"])
+def test_residual_modulated_layer_norm_matches_reference(y_dtype, gated, per_frame):
+    """x' = x + gate * y, h = LN(x') * (1 + scale) + shift; x (residual stream) fp32, y in the compute dtype."""
+    batch, tokens, dim = 2, 15, 1536
+    groups = 3 if per_frame else 1
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, tokens, dim, generator=g) * 2
+    y = torch.randn(batch, tokens, dim, generator=g).to(y_dtype)
+    gate, shift, scale = torch.randn(3, batch, groups, dim, generator=g)
+    grads = torch.randn(2, batch, tokens, dim, generator=g)
+
+    def run_both(fn, expand):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, y, gate, shift, scale)]
+        mods = [expand(t) for t in leaves[2:]]
+        x_new, h = fn(leaves[0], leaves[1], mods[0] if gated else None, mods[1], mods[2], 1e-6)
+        (x_new * grads[0] + h * grads[1]).sum().backward()
+        return {"x_new": x_new, "h": h, "dx": leaves[0].grad, "dy": leaves[1].grad, "dgate": leaves[2].grad,
+                "dshift": leaves[3].grad, "dscale": leaves[4].grad}
+
+    ours = run_both(residual_modulated_layer_norm, lambda t: t)
+    ref = run_both(residual_modulated_layer_norm_reference, lambda t: t.repeat_interleave(tokens // groups, 1))
+    for name in ours:
+        if name == "dgate" and not gated:
+            assert ours[name] is None and ref[name] is None
+            continue
+        tol = TOL[y_dtype] if name == "dy" else 1e-5
+        assert_close_relative(ours[name], ref[name], tol, name)
