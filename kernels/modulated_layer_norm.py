@@ -23,13 +23,8 @@ def modulated_layer_norm_reference(x: torch.Tensor, shift: torch.Tensor, scale: 
 
 
 @triton.jit
-def _forward(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, n_cols, rows_per_group, eps,
-             BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    group = row // rows_per_group
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+def _normalize_and_store(x, row, group, cols, mask, n_cols, eps, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr):
+    """Shared by both forward kernels: row statistics of the fp32 row x, then the modulated output."""
     mean = tl.sum(x, axis=0) / n_cols
     centred = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
@@ -39,6 +34,25 @@ def _forward(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, n_cols, row
     tl.store(rstd_ptr + row, rstd)
     tl.store(y_ptr + row * n_cols + cols, (centred * rstd * (1 + scale) + shift).to(y_ptr.dtype.element_ty),
              mask=mask)
+
+
+@triton.jit
+def _norm_grad(x, dy, mean, rstd, scale, mask, n_cols):
+    """Shared by both backward kernels: (x_hat, gradient through the modulated LayerNorm) of one row."""
+    x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+    g = dy * (1 + scale)
+    return x_hat, rstd * (g - tl.sum(g, axis=0) / n_cols - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+
+
+@triton.jit
+def _forward(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, n_cols, rows_per_group, eps,
+             BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    _normalize_and_store(x, row, row // rows_per_group, cols, mask, n_cols, eps, shift_ptr, scale_ptr, y_ptr,
+                         mean_ptr, rstd_ptr)
 
 
 @triton.jit
@@ -58,11 +72,7 @@ def _backward(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, dshift_ptr, 
             row = (group * rows_per_group + within).to(tl.int64)
             x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(mean_ptr + row)
-            rstd = tl.load(rstd_ptr + row)
-            x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
-            g = dy * (1 + scale)
-            dx = rstd * (g - tl.sum(g, axis=0) / n_cols - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+            x_hat, dx = _norm_grad(x, dy, tl.load(mean_ptr + row), tl.load(rstd_ptr + row), scale, mask, n_cols)
             tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             dshift += dy
             dscale += dy * x_hat
@@ -139,15 +149,7 @@ def _residual_forward(x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, x_out_ptr, h
         y = y * tl.load(gate_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32) + y
     tl.store(x_out_ptr + row * n_cols + cols, x.to(x_out_ptr.dtype.element_ty), mask=mask)
-    mean = tl.sum(x, axis=0) / n_cols
-    centred = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
-    shift = tl.load(shift_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
-    tl.store(h_ptr + row * n_cols + cols, (centred * rstd * (1 + scale) + shift).to(h_ptr.dtype.element_ty),
-             mask=mask)
+    _normalize_and_store(x, row, group, cols, mask, n_cols, eps, shift_ptr, scale_ptr, h_ptr, mean_ptr, rstd_ptr)
 
 
 @triton.jit
@@ -174,10 +176,7 @@ def _residual_backward(dx_out_ptr, dh_ptr, x_out_ptr, y_ptr, gate_ptr, scale_ptr
             offs = row * n_cols + cols
             x = tl.load(x_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x_hat = tl.where(mask, (x - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row), 0.0)
-            g = dh * (1 + scale)
-            d_norm = tl.load(rstd_ptr + row) * (g - tl.sum(g, axis=0) / n_cols
-                                                 - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+            x_hat, d_norm = _norm_grad(x, dh, tl.load(mean_ptr + row), tl.load(rstd_ptr + row), scale, mask, n_cols)
             dx = tl.load(dx_out_ptr + offs, mask=mask, other=0.0).to(tl.float32) + d_norm
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=mask)
