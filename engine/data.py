@@ -137,7 +137,8 @@ class LatentListDataset(torch.utils.data.Dataset):
     """Samples named by a list file. Each meta is checked for the fields the task needs when the dataset opens,
     so a broken record stops the run at once, naming its file and field, instead of hours in."""
 
-    def __init__(self, list_file: str | Path, required_fields: tuple[str, ...] = ()) -> None:
+    def __init__(self, list_file: str | Path, required_fields: tuple[str, ...] = (),
+                 latent_channels: int | None = None) -> None:
         list_file = Path(list_file)
         if not list_file.is_file():
             raise FileNotFoundError(f"data list {list_file} does not exist")
@@ -154,6 +155,10 @@ class LatentListDataset(torch.utils.data.Dataset):
                 if field not in meta:
                     raise ValueError(f"{meta_path}: missing field {field!r} (needed: sample_path"
                                      + "".join(f", {f}" for f in required_fields) + ")")
+            shape = meta.get("latent_shape")
+            if latent_channels is not None and shape is not None and shape[0] != latent_channels:
+                raise ValueError(f"{meta_path}: latent_shape={shape}: the model expects {latent_channels} latent "
+                                 "channels")
             self.metas.append(meta)
             self.sample_paths.append(meta_path.parent / meta["sample_path"])
         if not self.metas:
@@ -162,6 +167,7 @@ class LatentListDataset(torch.utils.data.Dataset):
         if not null_path.is_file():
             raise FileNotFoundError(f"{null_path} (the empty prompt's embedding) does not exist beside {list_file}")
         self.null_context = load_file(null_path)["context"]
+        self.latent_channels = latent_channels
 
     def __len__(self) -> int:
         return len(self.metas)
@@ -174,20 +180,31 @@ class LatentListDataset(torch.utils.data.Dataset):
         for key in ("latents", "context"):
             if key not in sample:
                 raise KeyError(f"{path}: no tensor {key!r} (has {', '.join(sample)})")
+        if self.latent_channels is not None and sample["latents"].shape[0] != self.latent_channels:
+            raise ValueError(f"{path}: latents has shape {tuple(sample['latents'].shape)}: the model expects "
+                             f"{self.latent_channels} latent channels")
         labels = {k: torch.tensor(float(self.metas[index][k])) for k in LABEL_FIELDS if k in self.metas[index]}
         return {**sample, **labels}
 
 
-def build_dataset(data, model: DiTConfig, seed: int):
-    """The dataset a run config's `data` section names."""
+def build_dataset(data, model: DiTConfig, seed: int, required_fields: tuple[str, ...] = ()):
+    """The dataset a run config's `data` section names; `required_fields` must be in every meta of a list."""
     if data.source == "random":
         return RandomLatents(model, data.num_samples, data.latent_shape, data.text_tokens, seed=seed)
     if data.source == "synthetic":
         from engine.synthetic import SyntheticMotion
 
         return SyntheticMotion(data.num_samples, seed=seed)
-    return LatentListDataset(data.list_file)
+    return LatentListDataset(data.list_file, required_fields, latent_channels=model.out_dim)
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    """Stack samples; text contexts of different lengths are zero-padded, which is what the DiT does anyway."""
+    batch = {}
+    for key in samples[0]:
+        tensors = [s[key] for s in samples]
+        if key.endswith("context") and len({t.shape[0] for t in tensors}) > 1:
+            longest = max(t.shape[0] for t in tensors)
+            tensors = [torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[0])) for t in tensors]
+        batch[key] = torch.stack(tensors)
+    return batch

@@ -12,7 +12,12 @@ Ulysses (`apply_ulysses`) works on an unmodified DiT through its seams:
   head shards, the local attention ignores the padding keys, and the output goes back to sequence shards;
 - `DiT.unpatchify`: the head runs on each slice (it is per token), and its outputs are gathered, padding dropped,
   before unpatchifying.
-Cross-attention needs no communication: every rank holds the whole text.
+Cross-attention needs no communication: every rank holds the whole text. Code that reads the sharded token
+features directly (the reward model's pooling) finds the shard layout and group reductions in
+`model.sequence_shards`.
+
+Gradient convention: every rank of a group computes the same loss; a rank's parameter and input gradients are its
+share, and their sum over the group (what DeepSpeed reduces) is the true gradient.
 """
 
 from __future__ import annotations
@@ -99,10 +104,67 @@ class _GatherSequence(torch.autograd.Function):
         return grad[:, start:start + ctx.length].contiguous(), None
 
 
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce sum. Its consumers run on every rank and each hands back only its share of their gradient
+    (`SequenceShards.replicated`), so the gradient of a rank's partial is the sum of those shares."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        total = partial.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+@dataclass
+class SequenceShards:
+    """How the current forward's token sequence is split over a sequence-parallel group."""
+
+    group: object
+    world: int
+    rank: int
+    valid_len: int = 0  # unpadded token count of the current forward
+
+    def valid_mask(self, shard_len: int, device: torch.device) -> torch.Tensor:
+        """[shard_len] bool: which of this rank's tokens are real (the padding sits at the end of the sequence)."""
+        return torch.arange(self.rank * shard_len, (self.rank + 1) * shard_len, device=device) < self.valid_len
+
+    def sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum of per-rank partial results (e.g. over each rank's tokens), differentiable."""
+        return _SumOverGroup.apply(partial, self.group)
+
+    def max(self, value: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum over the group, without gradient."""
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return value
+
+    def replicated(self, value: torch.Tensor) -> torch.Tensor:
+        """Mark a result that every rank computes identically: gradient share 1 / world per rank."""
+        return _ScaleGrad.apply(value, 1.0 / self.world)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
 class _PaddedAttention(nn.Module):
     """Local attention over the full (padded) sequence of a head shard; padding keys at the end are left out."""
 
-    def __init__(self, backend: str, state: "_ShardState") -> None:
+    def __init__(self, backend: str, state: SequenceShards) -> None:
         super().__init__()
         self.backend, self.state = backend, state
 
@@ -114,7 +176,7 @@ class _PaddedAttention(nn.Module):
 class UlyssesAttention(nn.Module):
     """Drop-in for `Attention`: q/k/v arrive as sequence shards [B, S/sp, N, Dh] and leave the same way."""
 
-    def __init__(self, backend: str, group, state: "_ShardState") -> None:
+    def __init__(self, backend: str, group, state: SequenceShards) -> None:
         super().__init__()
         from deepspeed.sequence.layer import DistributedAttention
 
@@ -122,11 +184,6 @@ class UlyssesAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.dist_attn(q, k, v, batch_dim_idx=0)
-
-
-@dataclass
-class _ShardState:
-    valid_len: int = 0  # unpadded token count of the current forward
 
 
 def apply_ulysses(model: DiT, group) -> DiT:
@@ -138,7 +195,7 @@ def apply_ulysses(model: DiT, group) -> DiT:
     if heads % world:
         raise ConfigError(f"parallel.sp_size={world} must divide the model's {heads} attention heads")
     rank = dist.get_rank(group)
-    state = _ShardState()
+    state = model.sequence_shards = SequenceShards(group, world, rank)
     for block in model.blocks:
         block.self_attn.attn = UlyssesAttention(model.config.attention_backend, group, state)
     embed, unpatchify = model.embed, model.unpatchify

@@ -159,12 +159,16 @@ def git_commit() -> str:
         return "unknown"
 
 
-def export_checkpoint(checkpoint: Path, out: Path, dit_config: DiTConfig) -> None:
-    """Consolidate a ZeRO checkpoint into fp32 safetensors with DeepSpeed's own zero_to_fp32."""
+def consolidated_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a ZeRO checkpoint, consolidated by DeepSpeed's own zero_to_fp32."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    save_dit_state(state, dit_config, out)
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def export_checkpoint(checkpoint: Path, out: Path, dit_config: DiTConfig) -> None:
+    """Consolidate a ZeRO checkpoint of a DiT into fp32 safetensors that DiT.from_pretrained loads."""
+    save_dit_state(consolidated_state(checkpoint), dit_config, out)
 
 
 def dry_run(config: RunConfig, ds_template: dict, dataset=None) -> dict:
@@ -236,13 +240,13 @@ class Trainer:
             torch.device("cpu")
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        self.model = self._build_model()
+        self.model = self.build_model()
         if config.parallel.sp_size > 1:
-            apply_ulysses(self.model, mpu.get_sequence_parallel_group())
+            apply_ulysses(self.transformer, mpu.get_sequence_parallel_group())
         if config.memory.checkpointing:
-            apply_activation_checkpointing(self.model, offload=config.memory.offload)
+            apply_activation_checkpointing(self.transformer, offload=config.memory.offload)
 
-        self.dataset = dataset or build_dataset(config.data, self.model.config, config.seed)
+        self.dataset = dataset or self.build_dataset()
         self.order = GlobalOrder(len(self.dataset), config.seed)
 
         self._check_bucket_size()
@@ -253,7 +257,7 @@ class Trainer:
         import deepspeed
 
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=[p for p in self.model.parameters() if p.requires_grad],
+            model=self.model, model_parameters=self.parameter_groups(),
             config=self.ds_config, mpu=mpu,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)))
         self.step = 0
@@ -269,13 +273,34 @@ class Trainer:
                               f"than the largest parameter ({largest} elements); under sequence parallelism "
                               "DeepSpeed then takes a path that mis-scales gradients")
 
-    def _build_model(self) -> DiT:
+    # -- what is trained: overridden by trainers of other models built around a DiT (the reward model) -------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+
+    def build_model(self) -> torch.nn.Module:
         cfg = self.config.model
-        dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
         runtime = {"attention_backend": cfg.attention_backend, "kernel_backend": cfg.kernel_backend}
         if cfg.path:
-            return DiT.from_pretrained(cfg.path, dtype=dtype, **runtime)
-        return DiT(DiTConfig.preset(cfg.preset, **runtime)).to(dtype)
+            return DiT.from_pretrained(cfg.path, dtype=self.dtype, **runtime)
+        return DiT(DiTConfig.preset(cfg.preset, **runtime)).to(self.dtype)
+
+    @property
+    def transformer(self) -> DiT:
+        """The DiT inside the trained model: sequence parallelism and activation checkpointing apply to it."""
+        return self.model
+
+    def build_dataset(self):
+        return build_dataset(self.config.data, self.transformer.config, self.config.seed)
+
+    def parameter_groups(self) -> list:
+        """What the optimizer updates (parameters, or param-group dicts with their own `lr`)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def export(self, checkpoint: Path, out: Path) -> None:
+        """Write the consolidated, loadable model of a saved checkpoint."""
+        export_checkpoint(checkpoint, out, self.model.config)
 
     @property
     def is_main(self) -> bool:
@@ -346,9 +371,11 @@ class Trainer:
             started = time.perf_counter()
             metrics = self.train_step(step_fn)
             metrics["step_time_s"] = time.perf_counter() - started
-            if evaluate is not None and train.eval_every and self.step % train.eval_every == 0:
+            if evaluate is not None and train.eval_every and (self.step % train.eval_every == 0
+                                                              or self.step == train.steps):
                 metrics.update(evaluate(self))
-            if self.is_main and (self.step % train.log_every == 0 or self.step == train.steps):
+            if self.is_main and (self.step % train.log_every == 0 or self.step == train.steps
+                                 or any(k.startswith("val/") for k in metrics)):
                 self._log(metrics, writer, bar)
             bar.update(1)
             if (train.save_every and self.step % train.save_every == 0) or self.step == train.steps:
@@ -383,7 +410,7 @@ class Trainer:
         path = checkpoints / tag
         self.engine.save_checkpoint(str(checkpoints), tag=tag, save_latest=False,
                                     client_state={"step": self.step, "samples_seen": self.step * self.global_batch,
-                                                  "dit_config": self.model.config.to_dict()})
+                                                  "dit_config": self.transformer.config.to_dict()})
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         (path / "rank_state").mkdir(exist_ok=True)
@@ -393,7 +420,7 @@ class Trainer:
         dist.barrier()
         if self.is_main:
             if self.config.train.export:
-                export_checkpoint(path, path / "model", self.model.config)
+                self.export(path, path / "model")
             atomic_write_text(path / COMPLETE, f"{self.step}\n")
             for old in complete_checkpoints(checkpoints)[:-self.config.train.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,7 @@
 import os
+import socket
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +10,8 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.dit import DiT, DiTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def randomized_dit(preset: str, seed: int = 0, **overrides) -> DiT:
@@ -37,3 +42,18 @@ def dit_inputs(config: DiTConfig, batch: int = 2, frames: int = 5, height: int =
 @pytest.fixture(params=["tiny", "tiny-i2v"])
 def preset(request) -> str:
     return request.param
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(ranks: int, script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N script args` from the repository root (CPU ranks on a machine without GPUs)."""
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done

@@ -7,7 +7,6 @@ CPU Adam recomputes beta^t with pow() after a load instead of continuing its run
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,27 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import ROOT, launch
 from engine.dit import DiT, DiTConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 SFT = "runners/sft.py"
 # 6 optimizer steps at a learning rate that moves the tiny model visibly; checkpoints every 2 steps.
 COMMON = ["--ds_config", "ds_configs/z3_offload.json", "train.steps=6", "train.save_every=2", "train.lr=1e-3"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(ranks: int, script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N script args` from the repository root (CPU ranks on a machine without GPUs)."""
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done
 
 
 def losses(run: Path) -> list[float]:
