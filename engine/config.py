@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from engine.dit import PRESETS
+from engine.reward import RewardModelConfig
 
 
 class ConfigError(ValueError):
@@ -86,13 +87,18 @@ class DataConfig:
     num_samples: int = 16  # `random` / `synthetic`: size of the set
     latent_shape: tuple[int, int, int] = (5, 6, 10)  # `random`: latent (frames, height, width)
     text_tokens: int = 16  # `random`: text tokens per prompt
+    val_list_file: str | None = None  # `list`: held-out samples for validation
+    val_num_samples: int = 64  # `synthetic`: held-out samples (seeds disjoint from training) for validation
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ConfigError(f"data.num_samples={self.num_samples}: expected at least 1")
-        if (self.source == "list") != (self.list_file is not None):
-            raise ConfigError(f"data.list_file={self.list_file!r} with data.source={self.source!r}: a list file "
-                              "goes with source 'list' and only with it")
+        for key in ("list_file", "val_list_file"):
+            if self.source != "list" and getattr(self, key) is not None:
+                raise ConfigError(f"data.{key}={getattr(self, key)!r} with data.source={self.source!r}: list files "
+                                  "go with source 'list' and only with it")
+        if self.source == "list" and self.list_file is None:
+            raise ConfigError("data.source='list' needs data.list_file")
 
 
 @dataclass
@@ -106,6 +112,35 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.text_dropout < 1.0:
             raise ConfigError(f"sft.text_dropout={self.text_dropout}: expected a probability in [0, 1)")
+
+
+@dataclass
+class RewardConfig:
+    """The process-aware reward model (PAVRM): its architecture, how it is trained, and a trained one to use."""
+
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)  # architecture (trunk from `model`)
+    path: str | None = None  # a saved reward model folder: the starting point of training, the scorer of PRFL
+    trainable_blocks: list[int] | None = None  # 0-based trunk blocks that train (None: all); the head always does
+    task: str = "motion_quality"  # CE: the label field to predict (any numeric 0/1 field of the meta files)
+    loss: Literal["ce", "bt"] = "ce"  # binary cross-entropy on labels, or Bradley-Terry on preference pairs
+    timesteps: Literal["uniform", "shifted_index", "logit_normal", "fixed"] = "uniform"
+    # uniform: sigma ~ U(0, 1) (the paper); shifted_index: a uniform index of a 1000-step grid shifted by `shift`
+    # (what the reference code does: 56% of draws above sigma 0.8); logit_normal; fixed: one of `fixed_sigmas`
+    shift: float = 5.0  # `shifted_index`
+    fixed_sigmas: list[float] = field(default_factory=list)  # `fixed`
+    head_lr: float = 1e-5  # learning rate of the pooling attention and MLP (train.lr is the trunk's; paper 1e-6)
+    eval_seed: int = 0  # noise and sigmas of validation
+
+    def __post_init__(self) -> None:
+        if self.timesteps == "fixed" and not self.fixed_sigmas:
+            raise ConfigError("reward.timesteps='fixed' needs reward.fixed_sigmas, e.g. [0.3, 0.7]")
+        if any(not 0.0 <= s <= 1.0 for s in self.fixed_sigmas):
+            raise ConfigError(f"reward.fixed_sigmas={self.fixed_sigmas}: expected sigmas in [0, 1]")
+        if self.head_lr <= 0:
+            raise ConfigError(f"reward.head_lr={self.head_lr}: expected a positive number")
+        if self.trainable_blocks is not None and any(not 0 <= b < self.model.blocks for b in self.trainable_blocks):
+            raise ConfigError(f"reward.trainable_blocks={self.trainable_blocks}: expected 0-based indices below "
+                              f"reward.model.blocks={self.model.blocks}")
 
 
 @dataclass
@@ -147,6 +182,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     seed: int = 0  # base seed; each data-parallel group derives its own, shared by its sequence-parallel ranks
     output_dir: str = "runs/default"  # checkpoints, logs, the resolved config
 
@@ -223,7 +259,12 @@ def build(cls, data: dict, where: str = ""):
             hint = f"; did you mean {(where + '.' if where else '') + close[0]}?" if close else ""
             raise ConfigError(f"unknown config key {path!r}{hint} (valid here: {', '.join(fields)})")
         kwargs[key] = _coerce(value, fields[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a section defined outside this file (e.g. the reward model's architecture)
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 
 def _all_keys(cls, prefix: str = "") -> list[str]:

@@ -1,0 +1,275 @@
+"""The PAVRM: trunk from a generator, query-attention pooling, gradients, checkpoints, reference head files,
+timestep sampling, losses, validation metrics and bad data."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import dit_inputs, randomized_dit
+from engine.config import ConfigError, load_config
+from engine.data import SampleRandomness, collate, write_list, write_sample
+from engine.dit import DiT
+from engine.reward import RewardCheckpointError, RewardModel, RewardModelConfig
+from engine.reward_training import (INTERVALS, RewardStep, RewardValidation, labelled_dataset, reward_sigmas,
+                                    roc_auc)
+
+HEAD = dict(num_heads=2, mlp_dims=(24, 12))
+
+
+def reward_model(blocks: int = 2, seed: int = 0, **head) -> RewardModel:
+    torch.manual_seed(seed)
+    return RewardModel(RewardModelConfig(blocks=blocks, **{**HEAD, **head}), randomized_dit("tiny", seed=seed))
+
+
+def inputs(model: RewardModel, batch: int = 2) -> dict:
+    x = dit_inputs(model.trunk.config, batch=batch, frames=3, height=4, width=6, text_tokens=7)
+    return {"x": x["x"], "t": x["t"], "context": x["context"]}
+
+
+@pytest.mark.parametrize("num_queries,residual", [(1, True), (3, False)])
+def test_pooling_is_multihead_attention_over_the_tokens(num_queries, residual):
+    model = reward_model(num_queries=num_queries, query_residual=residual)
+    pool = model.pool
+    with torch.no_grad():
+        pool.multihead_attn.in_proj_bias.normal_()
+        pool.multihead_attn.out_proj.bias.normal_()
+    tokens = torch.randn(2, 37, model.trunk.config.dim)
+    queries = pool.queries.expand(2, -1, -1)
+    expected, _ = pool.multihead_attn(queries, tokens, tokens, need_weights=False)
+    expected = expected + queries if residual else expected
+    torch.testing.assert_close(pool(tokens), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_reaches_the_input_latents_and_the_blocks_but_not_the_frozen_embeddings():
+    model = reward_model()
+    model.trainable_parameters([1])  # train block 1 only, and the head
+    x = inputs(model)
+    latents = x.pop("x").requires_grad_()
+    model(latents, **x).sum().backward()
+    assert latents.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        if name.startswith(("pool.", "mlp.", "trunk.blocks.1.")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:  # embeddings, time projection, block 0 and the trunk's unused output layer
+            assert p.grad is None, name
+
+
+def test_trunk_is_the_generators_first_k_blocks_and_blocks_after_k_are_not_built(tmp_path):
+    generator = randomized_dit("tiny", seed=3, num_layers=4)
+    generator.save_pretrained(tmp_path / "generator")
+    model = RewardModel.from_generator(tmp_path / "generator", RewardModelConfig(blocks=2, **HEAD))
+    assert len(model.trunk.blocks) == 2
+    trunk_state = model.trunk.state_dict()
+    for key, value in generator.state_dict().items():
+        if key.startswith(("blocks.2.", "blocks.3.")):
+            assert key not in trunk_state
+        else:
+            assert torch.equal(trunk_state[key], value), key
+    x = inputs(model)
+    torch.testing.assert_close(model.trunk(**x, return_features=[2])[0], generator(**x, return_features=[2])[0])
+
+
+def test_features_from_several_blocks_are_averaged():
+    model = reward_model(feature_blocks=[1, 2])
+    x = inputs(model)
+    features = model.trunk(**x, return_features=[1, 2])
+    expected = model.mlp(model.pool((features[0] + features[1]) / 2).mean(dim=1))
+    torch.testing.assert_close(model(**x), expected)
+
+
+def test_save_and_load_round_trip_exactly(tmp_path):
+    model = reward_model(num_queries=2)
+    x = inputs(model)
+    model.save_pretrained(tmp_path / "pavrm")
+    loaded = RewardModel.from_pretrained(tmp_path / "pavrm")
+    assert loaded.config == model.config
+    assert torch.equal(loaded(**x), model(**x))
+    trunk = DiT.from_pretrained(tmp_path / "pavrm" / "trunk")  # the trunk is an ordinary 2-block DiT checkpoint
+    assert len(trunk.blocks) == 2
+
+
+def test_a_head_file_that_does_not_match_fails_naming_the_key(tmp_path):
+    model = reward_model()
+    model.save_pretrained(tmp_path / "pavrm")
+    config = json.loads((tmp_path / "pavrm" / "reward_config.json").read_text())
+    (tmp_path / "pavrm" / "reward_config.json").write_text(json.dumps({**config, "mlp_dims": [24, 13]}))
+    with pytest.raises(RewardCheckpointError, match=r"key mlp\.fc2\.(weight|bias) has shape \(12\S*\) in the file but \(13"):
+        RewardModel.from_pretrained(tmp_path / "pavrm")
+
+
+class ReferenceQueryAttention(nn.Module):
+    """The reference code's pooling as it is written there: `queries` [1, Q, D] and an nn.MultiheadAttention,
+    the raw query added to the attention output (return_type: query)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, 1, dim))
+        self.multihead_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, h):
+        queries = self.queries.expand(h.shape[0], -1, -1)
+        output, _ = self.multihead_attn(queries, h, h)
+        return (output + queries).squeeze(1)
+
+
+class ReferenceMLP(nn.Module):
+    def __init__(self, dim: int, hidden: tuple[int, int]) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(dim, hidden[0]), nn.Linear(hidden[0], hidden[1]), nn.Linear(hidden[1], 1)
+
+    def forward(self, z):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(z))))).squeeze(-1)
+
+
+def test_reference_head_files_give_the_logits_of_a_head_built_from_the_same_tensors(tmp_path):
+    model = reward_model()
+    dim = model.trunk.config.dim
+    torch.manual_seed(5)
+    attention, mlp = ReferenceQueryAttention(dim, 2), ReferenceMLP(dim, HEAD["mlp_dims"])
+    torch.save(attention.state_dict(), tmp_path / "query_attention_step_100.ckpt")
+    torch.save(mlp.state_dict(), tmp_path / "mlp_step_100.ckpt")
+    model.load_reference_heads(tmp_path / "query_attention_step_100.ckpt", tmp_path / "mlp_step_100.ckpt")
+
+    x = inputs(model)
+    with torch.no_grad():
+        features = model.trunk(**x, return_features=[2])[0]
+        torch.testing.assert_close(model(**x), mlp(attention(features)), rtol=1e-5, atol=1e-6)
+
+    torch.save({k: v for k, v in mlp.state_dict().items() if k != "fc3.bias"}, tmp_path / "broken.ckpt")
+    with pytest.raises(RewardCheckpointError, match=r"missing keys \['mlp\.fc3\.bias'\]"):
+        model.load_reference_heads(tmp_path / "query_attention_step_100.ckpt", tmp_path / "broken.ckpt")
+
+
+def test_training_sigma_distributions():
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    config = load_config(None, []).reward
+    assert torch.equal(reward_sigmas(u, config), u)
+    shifted = reward_sigmas(u, load_config(None, ["reward.timesteps=shifted_index"]).reward)
+    # The reference's uniform index over the shift-5 grid: 55.7% of draws at sigma >= 0.8, only 4.7% below 0.2.
+    assert abs((shifted >= 0.8).float().mean().item() - 0.557) < 0.005
+    assert abs((shifted < 0.2).float().mean().item() - 0.047) < 0.003
+    fixed = reward_sigmas(u, load_config(None, ["reward.timesteps=fixed", "reward.fixed_sigmas=[0.3, 0.9]"]).reward)
+    assert fixed.unique().tolist() == pytest.approx([0.3, 0.9])
+    assert abs((fixed == fixed.min()).float().mean().item() - 0.5) < 0.01
+    logit_normal = reward_sigmas(u, load_config(None, ["reward.timesteps=logit_normal"]).reward)
+    assert 0 < logit_normal.min() and logit_normal.max() < 1 and abs(logit_normal.median().item() - 0.5) < 0.01
+
+
+def synthetic_batch(loss: str, size: int = 4) -> dict:
+    config = load_config(None, ["data.source=synthetic", f"reward.loss={loss}", "data.num_samples=400"])
+    dataset = labelled_dataset(config, config.data, randomized_dit("tiny").config, seed=0)
+    return collate([dataset[i] for i in range(size)])
+
+
+def test_ce_step_is_binary_cross_entropy_on_the_task_label():
+    model = reward_model()
+    batch = synthetic_batch("ce")
+    batch["motion_quality"] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    config = load_config(None, []).reward
+    loss, metrics = RewardStep(config)(model, batch, SampleRandomness(0, [0, 1, 2, 3]))
+    rng = SampleRandomness(0, [0, 1, 2, 3])
+    noise, sigma = rng.randn(*batch["latents"].shape[1:]), rng.rand().view(-1)
+    logits = model((1 - sigma.view(-1, 1, 1, 1, 1)) * batch["latents"] + sigma.view(-1, 1, 1, 1, 1) * noise,
+                   sigma * 1000, batch["context"])
+    expected = -(batch["motion_quality"] * F.logsigmoid(logits) + (1 - batch["motion_quality"]) * F.logsigmoid(-logits))
+    torch.testing.assert_close(loss, expected.mean())
+    assert loss.dtype == torch.float32 and metrics["train/accuracy"].item() in (0, 0.25, 0.5, 0.75, 1)
+
+
+def test_bt_step_scores_both_samples_of_a_pair_at_the_same_noise_and_sigma():
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, x, t, context, clip_fea=None, y=None):
+            seen.append((x, t))
+            return x.flatten(1).mean(dim=1)
+
+    batch = synthetic_batch("bt", size=3)
+    assert "rejected_latents" in batch
+    loss, metrics = RewardStep(load_config(None, ["reward.loss=bt"]).reward)(Recorder(), batch,
+                                                                             SampleRandomness(0, [0, 1, 2]))
+    (x, t), = seen
+    preferred, rejected = x.chunk(2)
+    sigma = (t[:3] / 1000).view(-1, 1, 1, 1, 1)
+    assert torch.equal(t[:3], t[3:])
+    # x_t = (1 - sigma) x0 + sigma eps with the same eps on both sides of each pair
+    noise_p = (preferred - (1 - sigma) * batch["latents"]) / sigma
+    noise_r = (rejected - (1 - sigma) * batch["rejected_latents"]) / sigma
+    torch.testing.assert_close(noise_p, noise_r, rtol=1e-4, atol=1e-4)
+    r_p, r_r = x.flatten(1).mean(dim=1).chunk(2)
+    torch.testing.assert_close(loss, -F.logsigmoid(r_p - r_r).mean())
+
+
+def test_roc_auc_and_interval_accuracies():
+    assert roc_auc(torch.tensor([0.9, 0.8, 0.1, 0.2]), torch.tensor([1.0, 1.0, 0.0, 0.0])) == 1.0
+    assert roc_auc(torch.tensor([0.1, 0.5, 0.5, 0.9]), torch.tensor([1.0, 1.0, 0.0, 0.0])) == pytest.approx(0.125)
+    assert math.isnan(roc_auc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 1.0])))
+    config = load_config(None, [])
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    logits = torch.tensor([[1.0, -1.0, 1.0, -1.0]] * 4 + [[1.0, 1.0, 1.0, -1.0]])
+    metrics = RewardValidation(config, dataset=[]).summarize(logits, labels)
+    assert metrics["val/accuracy [0.0,0.2]"] == 1.0 and metrics["val/accuracy (0.8,1.0]"] == 0.75
+    assert metrics["val/accuracy mean"] == pytest.approx(0.95)
+    assert len(INTERVALS) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad data
+
+
+def write_dataset(root, metas: list[dict], channels: int = 16) -> str:
+    paths = []
+    for i, meta in enumerate(metas):
+        tensors = {"latents": torch.randn(channels, 2, 4, 4), "context": torch.randn(3, 32)}
+        paths.append(write_sample(root, f"s{i}", tensors, {"prompt": "p", **meta}))
+    return str(write_list(root, "train", paths, torch.zeros(1, 32)))
+
+
+def labelled(list_file: str, *overrides: str):
+    config = load_config(None, ["data.source=list", f"data.list_file={list_file}", *overrides])
+    return labelled_dataset(config, config.data, randomized_dit("tiny").config, seed=0)
+
+
+def test_a_meta_missing_the_task_label_fails_naming_file_and_field(tmp_path):
+    list_file = write_dataset(tmp_path, [{"motion_quality": 1}, {"physics_quality": 0}])
+    with pytest.raises(ValueError, match=r"meta/s1\.json: missing field 'motion_quality'"):
+        labelled(list_file)
+    with pytest.raises(ValueError, match=r"meta/s0\.json: missing field 'physics_quality'"):
+        labelled(list_file, "reward.task=physics_quality")
+
+
+def test_bt_data_without_pairs_fails_naming_file_and_field(tmp_path):
+    list_file = write_dataset(tmp_path, [{"motion_quality": 1}, {"motion_quality": 0}])
+    with pytest.raises(ValueError, match=r"meta/s0\.json: missing field 'pair_id'"):
+        labelled(list_file, "reward.loss=bt")
+
+
+def test_bt_pairs_need_exactly_one_preferred_sample(tmp_path):
+    good = write_dataset(tmp_path / "good", [{"pair_id": "a", "preferred": False}, {"pair_id": "a", "preferred": True}])
+    pairs = labelled(good, "reward.loss=bt")
+    assert pairs.pairs == [(1, 0)]
+    bad = write_dataset(tmp_path / "bad", [{"pair_id": "a", "preferred": True}, {"pair_id": "a", "preferred": True}])
+    with pytest.raises(ValueError, match=r"pair_id 'a': expected two samples, one with preferred=true"):
+        labelled(bad, "reward.loss=bt")
+
+
+def test_a_latent_with_the_wrong_channel_count_fails_naming_the_file(tmp_path):
+    list_file = write_dataset(tmp_path, [{"motion_quality": 1}], channels=12)
+    with pytest.raises(ValueError, match=r"meta/s0\.json: latent_shape=\[12, 2, 4, 4\]: the model expects 16"):
+        labelled(list_file)
+
+
+def test_reward_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"reward\.model: .*feature_blocks=\[3\]"):
+        load_config(None, ["reward.model.blocks=2", "reward.model.feature_blocks=[3]"])
+    with pytest.raises(ConfigError, match=r"reward\.trainable_blocks=\[8\]"):
+        load_config(None, ["reward.trainable_blocks=[8]"])
+    with pytest.raises(ConfigError, match="reward.timesteps='fixed' needs reward.fixed_sigmas"):
+        load_config(None, ["reward.timesteps=fixed"])
+    with pytest.raises(ConfigError, match="has no labels"):
+        labelled_dataset(load_config(None, []), load_config(None, []).data, randomized_dit("tiny").config, 0)
