@@ -3,6 +3,7 @@ timestep sampling, losses, validation metrics and bad data."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,3 +274,34 @@ def test_reward_config_errors_name_the_field():
         load_config(None, ["reward.timesteps=fixed"])
     with pytest.raises(ConfigError, match="has no labels"):
         labelled_dataset(load_config(None, []), load_config(None, []).data, randomized_dit("tiny").config, 0)
+
+
+def test_score_runner_writes_the_models_logits_per_sample_and_timestep(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from engine.flow import add_noise
+
+    model = reward_model()
+    model.save_pretrained(tmp_path / "pavrm")
+    list_file = write_dataset(tmp_path / "data", [{"motion_quality": 1}, {"motion_quality": 0}])
+    done = subprocess.run([sys.executable, "runners/score.py", "--reward", str(tmp_path / "pavrm"), "--list", list_file,
+                           "--timesteps", "0", "700", "--out", str(tmp_path / "scores.jsonl")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert [(Path(r["path"]).name, r["timestep"]) for r in rows] == [
+        ("s0.safetensors", 0), ("s0.safetensors", 700), ("s1.safetensors", 0), ("s1.safetensors", 700)]
+    sample = load_file(tmp_path / "data" / "samples" / "s1.safetensors")
+    noise = torch.randn(sample["latents"].shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logit = model(add_noise(sample["latents"][None], noise[None], torch.tensor([0.7])), torch.tensor([700.0]),
+                      sample["context"][None]).item()
+    assert rows[3]["logit"] == pytest.approx(logit, abs=1e-5)
+    assert rows[3]["probability"] == pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-6)
+
+    missing = subprocess.run([sys.executable, "runners/score.py", "--reward", str(tmp_path / "pavrm"), "--folder",
+                              str(tmp_path), "--out", str(tmp_path / "x.csv")], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "holds no *.safetensors samples" in missing.stderr
