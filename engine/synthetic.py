@@ -297,7 +297,12 @@ def generate(model, pairs: list[tuple[str, int]], steps: int = 20, solver: str =
 
 
 def summarize(verdicts: list[Verdict], prompts: list[str]) -> dict:
-    """Pass rate, detection rate and diversity (mean spread of start positions across seeds of one prompt)."""
+    """Pass rate, detection rates and diversity (mean spread of start positions across seeds of one prompt).
+
+    detected_rate counts the samples where the judge finds the prompt's object, i.e. one object of its colour in
+    most frames; tracked_rate those where it finds it in every frame. A vanish sample loses its object in 1-2
+    frames by design, so a generator that learned the even mix of motions scores about 1.0 and 0.75 on them.
+    """
     spreads = []
     for prompt in sorted(set(prompts)):
         starts = torch.tensor([v.positions[0] for v, p in zip(verdicts, prompts) if p == prompt and
@@ -305,5 +310,6 @@ def summarize(verdicts: list[Verdict], prompts: list[str]) -> dict:
         if len(starts) >= 2:
             spreads.append(starts.std(dim=0).norm().item())
     return {"samples": len(verdicts), "pass_rate": sum(v.passed for v in verdicts) / len(verdicts),
-            "detected_rate": sum(v.detected_frames == len(v.positions) for v in verdicts) / len(verdicts),
+            "detected_rate": sum(2 * v.detected_frames > len(v.positions) for v in verdicts) / len(verdicts),
+            "tracked_rate": sum(v.detected_frames == len(v.positions) for v in verdicts) / len(verdicts),
             "trajectory_spread_px": sum(spreads) / len(spreads) if spreads else math.nan}

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from engine.data import LatentListDataset
-from engine.synthetic import MOTIONS, PROMPTS, SHAPE, VOCABULARY, SyntheticMotion, encode_prompt, judge, labels, render
+from engine.synthetic import (MOTIONS, PROMPTS, SHAPE, VOCABULARY, SyntheticMotion, encode_prompt, judge, labels,
+                              render, summarize)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,13 @@ def test_judge_measures_the_rendered_trajectory():
     wrong_colour = judge(render(prompt, "smooth", 3), "a red ball moving right in the city")
     assert not wrong_colour.passed and wrong_colour.detected_frames == 0
     assert judge(render(prompt, "static", 3), prompt).displacement < 0.5
+
+
+def test_the_even_mix_is_detected_everywhere_and_passes_a_quarter():
+    # The base generator's targets are read off this summary: data it learned perfectly scores these numbers.
+    pairs = [(PROMPTS[s % len(PROMPTS)], motion, s) for motion in MOTIONS for s in range(12)]
+    report = summarize([judge(render(*pair), pair[0]) for pair in pairs], [prompt for prompt, _, _ in pairs])
+    assert report["detected_rate"] == 1.0 and report["tracked_rate"] == 0.75 and report["pass_rate"] == 0.25
 
 
 def test_rendering_and_judging_are_deterministic():
