@@ -100,9 +100,6 @@ PRESETS: dict[str, DiTConfig] = {
     "tiny": DiTConfig(dim=40, ffn_dim=96, num_heads=2, num_layers=2, text_dim=32),
     "tiny-i2v": DiTConfig(model_type="i2v", in_dim=36, dim=40, ffn_dim=96, num_heads=2, num_layers=2, text_dim=32,
                           clip_dim=48),
-    # The synthetic benchmark's base generator (engine/synthetic.py, configs/synthetic-base.yaml): trains in minutes
-    # on a CPU. The width is twice a 2x2x16 patch so the residual stream can carry the noise the velocity contains.
-    "synthetic-base": DiTConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=32, text_len=16),
 }
 
 
