@@ -140,7 +140,8 @@ class RewardModel(nn.Module):
         dim = trunk.config.dim
         self.pool = QueryAttentionPool(dim, config.num_queries, config.num_heads, config.dropout, config.query_residual)
         self.mlp = RewardMLP(dim, config.mlp_dims)
-        self.pool.to(trunk.patch_embedding.weight.dtype), self.mlp.to(trunk.patch_embedding.weight.dtype)
+        self.pool.to(trunk.patch_embedding.weight.dtype)
+        self.mlp.to(trunk.patch_embedding.weight.dtype)
         for name, module in trunk.named_children():  # the trunk's output layer is kept (so trunk/ loads as a DiT)
             if name in FROZEN_EMBEDDINGS:  # but never used; the embeddings stay the generator's
                 module.requires_grad_(False)
@@ -161,8 +162,8 @@ class RewardModel(nn.Module):
         config = RewardModelConfig(**json.loads(config_file.read_text()))
         model = cls(config, DiT.from_pretrained(path / "trunk", dtype=dtype, **runtime))
         head = load_file(path / "head.safetensors")
-        _load_strict(model, head, ("pool.", "mlp."), path / "head.safetensors")
-        return model.to(dtype) if dtype is not None else model
+        _load_strict(model, head, ("pool.", "mlp."), path / "head.safetensors")  # copied into the trunk's dtype
+        return model
 
     def save_pretrained(self, directory) -> None:
         save_reward_state(self.state_dict(), self.config, self.trunk.config, directory)
