@@ -144,6 +144,26 @@ class RewardConfig:
 
 
 @dataclass
+class PRFLConfig:
+    """The PRFL reward step: where in the sampling chain the gradient step falls and what the reward loss is."""
+
+    stage: Literal["all", "early", "middle", "late"] = "all"  # k uniform over the whole chain, its first or middle
+    # third, or its last quarter ("late" supervises like RGB ReFL, which only sees nearly clean latents)
+    objective: Literal["logit", "log_sigmoid", "hinge", "reference"] = "logit"
+    # logit: -r (the paper); log_sigmoid: -log sigmoid(r); hinge: relu(margin - r); reference: relu(target -
+    # sigmoid(r)), the reference code's loss, kept for comparison (its gradient vanishes as the reward grows confident)
+    weight: float = 1.0  # lambda: the reward loss is weight * objective
+    margin: float = 2.0  # `hinge`
+    target: float = 2.0  # `reference` (the reference uses 2, so its relu never clips)
+    rollout_guidance: float = 1.0  # classifier-free guidance in the rollout and the gradient step (1 = off, as the
+    # reference rolls out; set it to the inference guidance to train on the chain users sample)
+
+    def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise ConfigError(f"prfl.weight={self.weight}: expected a positive number")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation and the loop around it."""
 
@@ -183,6 +203,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    prfl: PRFLConfig = field(default_factory=PRFLConfig)
     seed: int = 0  # base seed; each data-parallel group derives its own, shared by its sequence-parallel ranks
     output_dir: str = "runs/default"  # checkpoints, logs, the resolved config
 

@@ -343,7 +343,8 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         for micro in range(self.config.train.grad_accum):
             numbers = self.sample_numbers(micro)
-            rng = SampleRandomness(self.config.seed, numbers, self.device)
+            rng = SampleRandomness(self.config.seed, numbers, self.device,
+                                   micro_batch=self.step * self.config.train.grad_accum + micro)
             loss, metrics = step_fn(self.engine, self._batch(numbers), rng)
             self.engine.backward(loss)
             self.engine.step()
