@@ -157,10 +157,14 @@ class PRFLConfig:
     target: float = 2.0  # `reference` (the reference uses 2, so its relu never clips)
     rollout_guidance: float = 1.0  # classifier-free guidance in the rollout and the gradient step (1 = off, as the
     # reference rolls out; set it to the inference guidance to train on the chain users sample)
+    sft_weight: float = 1.0  # the flow-matching loss on the batch's latents is added with this weight (0 = off):
+    # one combined loss, one backward, gradients clipped once per optimizer step
 
     def __post_init__(self) -> None:
         if self.weight <= 0:
             raise ConfigError(f"prfl.weight={self.weight}: expected a positive number")
+        if self.sft_weight < 0:
+            raise ConfigError(f"prfl.sft_weight={self.sft_weight}: expected a non-negative number")
 
 
 @dataclass

@@ -418,8 +418,8 @@ class DiT(nn.Module):
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> Rope:
         key = (*grid, str(device))
         if key not in self._rope_cache:
-            # Normal tensors even when first built inside inference mode (a PRFL rollout): the gradient step after
-            # it reuses the cache.
+            # Normal tensors even when first built inside inference mode (sampling before training): training
+            # reuses the cache.
             with torch.inference_mode(False):
                 self._rope_cache[key] = rope_for_grid(grid, self.config.head_dim, device)
         return self._rope_cache[key]

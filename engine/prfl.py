@@ -4,7 +4,7 @@ with gradients, and let the frozen reward model score x_{k+1} at t_{k+1}, in lat
     step = PRFLStep(run_config.prfl, run_config.sampling, reward_model)      # reward_model: a frozen RewardModel
     loss, metrics = step(generator, batch, rng)                             # batch: latents (for the shape), context
 
-Only step k keeps activations: steps 0..k-1 run under `torch.inference_mode()`. The reward model is frozen for
+Only step k keeps activations: steps 0..k-1 run without gradients. The reward model is frozen for
 real (no parameter takes a gradient); only the gradient with respect to its input latent flows back into the
 generator. The step index k comes from the micro-batch's shared draw, so every rank takes the same number of
 model evaluations (ZeRO-3 gathers parameters collectively).
@@ -13,6 +13,7 @@ model evaluations (ZeRO-3 gathers parameters collectively).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,21 @@ def reward_loss(logits: torch.Tensor, config: PRFLConfig) -> torch.Tensor:
     return config.weight * per_sample.mean()
 
 
+class Rollout(NamedTuple):
+    """The chain rolled out to step k (no gradients), ready for the gradient step."""
+
+    x: torch.Tensor  # x_k [B, C, F, H, W]
+    k: int
+    scheduler: object  # the diffusers scheduler, its multistep history up to step k
+    context: torch.Tensor
+    negative: torch.Tensor | None  # empty-prompt context for guidance, or None
+
+
 class PRFLStep:
-    """Loss of one micro-batch of the reward step; the noise comes from the per-sample generators."""
+    """Loss of one micro-batch of the reward step; the noise comes from the per-sample generators.
+
+    `__call__` is `rollout`, then one model evaluation on `gradient_inputs`, then `reward`; `PRFLWithSFTStep`
+    batches that evaluation with the SFT loss's, so each parameter enters the graph once (ZeRO-3 requires it)."""
 
     name = "prfl"
 
@@ -62,7 +76,7 @@ class PRFLStep:
         self.null_context = null_context
         self.step_override = step_override  # tests: a fixed k
 
-    def __call__(self, model, batch: dict[str, torch.Tensor], rng: SampleRandomness):
+    def rollout(self, model, batch: dict[str, torch.Tensor], rng: SampleRandomness) -> Rollout:
         context = batch["context"]
         x = rng.randn(*batch["latents"].shape[1:]).float()
         steps = self.sampling.steps
@@ -72,20 +86,65 @@ class PRFLStep:
         if self.config.rollout_guidance != 1.0:
             negative = F.pad(self.null_context.to(context), (0, 0, 0, context.shape[1] - self.null_context.shape[0]))
             negative = negative.expand_as(context)
-
-        def velocity(x_t, t):
-            return guided_velocity(model, x_t, t.float().expand(x_t.shape[0]).to(x_t.device), context,
-                                   self.config.rollout_guidance, negative).float()
-
         scheduler = make_scheduler(self.sampling.solver, steps, self.sampling.shift, device=x.device)
-        with torch.inference_mode():
+        # no_grad, not inference_mode: under ZeRO-3 the parameters gathered for the rollout would become inference
+        # tensors that the gradient step then cannot use.
+        with torch.no_grad():
             for t in scheduler.timesteps[:k]:
-                x = scheduler.step(velocity(x, t), t, x, return_dict=False)[0]
-        x = x.clone()  # a normal tensor again, usable by autograd
-        t = scheduler.timesteps[k]
-        x_next = scheduler.step(velocity(x, t), t, x, return_dict=False)[0]
+                v = guided_velocity(model, x, t.float().expand(x.shape[0]).to(x.device), context,
+                                    self.config.rollout_guidance, negative)
+                x = scheduler.step(v.float(), t, x, return_dict=False)[0]
+        return Rollout(x, k, scheduler, context, negative)
+
+    def gradient_inputs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, t, context) of step k's model evaluation; conditional and unconditional halves under guidance."""
+        x, context = rollout.x, rollout.context
+        t = rollout.scheduler.timesteps[rollout.k].float().expand(x.shape[0]).to(x.device)
+        if rollout.negative is None:
+            return x, t, context
+        return torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, rollout.negative])
+
+    def reward(self, rollout: Rollout, velocity: torch.Tensor):
+        """Finish step k with the model's output on `gradient_inputs` and score x_{k+1} at t_{k+1}."""
+        if rollout.negative is not None:
+            conditional, unconditional = velocity.float().chunk(2)
+            velocity = unconditional + self.config.rollout_guidance * (conditional - unconditional)
+        scheduler, k, x = rollout.scheduler, rollout.k, rollout.x
+        x_next = scheduler.step(velocity.float(), scheduler.timesteps[k], x, return_dict=False)[0]
         t_next = (scheduler.sigmas[k + 1] * NUM_TRAIN_TIMESTEPS).float().expand(x.shape[0]).to(x.device)
-        logits = self.reward_model(x_next.to(next(self.reward_model.parameters()).dtype), t_next, context).float()
+        reward_dtype = next(self.reward_model.parameters()).dtype
+        logits = self.reward_model(x_next.to(reward_dtype), t_next, rollout.context).float()
         loss = reward_loss(logits, self.config)
         return loss, {"loss/reward": loss.detach(), "reward/logit_mean": logits.detach().mean(),
-                      "reward/step_fraction": torch.tensor(k / steps, device=logits.device)}
+                      "reward/step_fraction": torch.tensor(k / self.sampling.steps, device=logits.device)}
+
+    def __call__(self, model, batch: dict[str, torch.Tensor], rng: SampleRandomness):
+        rollout = self.rollout(model, batch, rng)
+        return self.reward(rollout, model(*self.gradient_inputs(rollout)))
+
+
+class PRFLWithSFTStep:
+    """The PRFL update rule: reward loss on the batch's prompts + sft_weight * flow-matching loss on its latents,
+    as one combined loss (one backward, one clip and one optimizer step per accumulation window). Step k and the
+    SFT prediction share one batched model evaluation. The SFT part drops prompts for classifier-free guidance;
+    the reward part never does."""
+
+    name = "prfl"
+
+    def __init__(self, reward_step: PRFLStep, sft_step, sft_weight: float) -> None:
+        self.reward_step, self.sft_step, self.sft_weight = reward_step, sft_step, sft_weight
+
+    def __call__(self, model, batch: dict[str, torch.Tensor], rng: SampleRandomness):
+        if not self.sft_weight:
+            loss, metrics = self.reward_step(model, batch, rng)
+            return loss, {**metrics, "loss/total": loss.detach()}
+        rollout = self.reward_step.rollout(model, batch, rng)
+        x, t, context = self.reward_step.gradient_inputs(rollout)
+        sft_x, sft_t, sft_context, target = self.sft_step.inputs(batch, rng)
+        if sft_context.shape[1] != context.shape[1]:
+            raise ValueError("the reward and SFT contexts differ in length; pad the dataset's text embeddings alike")
+        velocity = model(torch.cat([x, sft_x]), torch.cat([t, sft_t]), torch.cat([context, sft_context]))
+        loss, metrics = self.reward_step.reward(rollout, velocity[: len(x)])
+        sft_loss = F.mse_loss(velocity[len(x):].float(), target.float())
+        total = loss + self.sft_weight * sft_loss
+        return total, {**metrics, "loss/sft": sft_loss.detach(), "loss/total": total.detach()}

@@ -65,7 +65,7 @@ def prfl_step(k: int, **overrides) -> PRFLStep:
 
 
 class RolloutWith(torch.nn.Module):
-    """The rollout (inference mode) evaluates `rollout`, the gradient step `model`: PRFL's gradient holds x_k fixed,
+    """The rollout (no gradients) evaluates `rollout`, the gradient step `model`: PRFL's gradient holds x_k fixed,
     so the finite-difference reference perturbs the weights of step k only."""
 
     def __init__(self, rollout, model) -> None:
@@ -73,7 +73,7 @@ class RolloutWith(torch.nn.Module):
         self.rollout, self.model = rollout, model
 
     def forward(self, *args):
-        return (self.rollout if torch.is_inference_mode_enabled() else self.model)(*args)
+        return (self.model if torch.is_grad_enabled() else self.rollout)(*args)
 
 
 @pytest.mark.parametrize("k", [0, 2, 3])
@@ -147,3 +147,33 @@ def test_the_step_index_draw_is_shared_by_all_ranks_of_a_micro_batch():
     rank0, rank1 = SampleRandomness(0, [0, 1], micro_batch=5), SampleRandomness(0, [2, 3], micro_batch=5)
     assert rank0.shared_rand() == rank1.shared_rand()
     assert SampleRandomness(0, [0], micro_batch=6).shared_rand() != SampleRandomness(0, [0], micro_batch=5).shared_rand()
+
+
+def test_the_combined_step_is_the_reward_loss_plus_the_weighted_sft_loss():
+    from engine.prfl import PRFLWithSFTStep
+    from engine.sft import SFTStep
+
+    generator = randomized_dit("tiny", num_layers=1)
+    config = load_config(None, ["sampling.steps=4", "sft.text_dropout=0.5"])
+    reward_step = PRFLStep(config.prfl, config.sampling, frozen_reward(), step_override=2)
+    sft_step = SFTStep(config.sft, torch.zeros(1, 32))
+    two = {k: torch.cat([v, v]) for k, v in batch().items()}
+    total, metrics = PRFLWithSFTStep(reward_step, sft_step, 0.3)(generator, two, SampleRandomness(0, [0, 1]))
+
+    rng = SampleRandomness(0, [0, 1])  # the same draws, in the same order: rollout noise, then the SFT's
+    reward_loss_alone, _ = reward_step(generator, two, rng)
+    sft_loss_alone, _ = sft_step(generator, two, rng)
+    torch.testing.assert_close(metrics["loss/reward"], reward_loss_alone.detach())
+    torch.testing.assert_close(metrics["loss/sft"], sft_loss_alone.detach())
+    torch.testing.assert_close(total, reward_loss_alone + 0.3 * sft_loss_alone)
+
+
+def test_a_model_sampled_in_inference_mode_still_trains():
+    from engine.flow import sample
+
+    generator = randomized_dit("tiny", num_layers=1)
+    x = batch()
+    noise = torch.randn(1, 16, 2, 4, 4)
+    sample(lambda x_t, t, c: generator(x_t, t, c), noise, x["context"], steps=2)  # builds the rotary cache
+    generator(noise, torch.tensor([500.0]), x["context"]).sum().backward()
+    assert generator.blocks[0].self_attn.q.weight.grad is not None

@@ -7,11 +7,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_main_command_says_prfl_is_not_built_and_fails():
+def test_main_command_without_a_reward_model_says_what_it_needs():
     done = subprocess.run(["deepspeed", "runners/prfl.py", "--ds_config", "ds_configs/z3_offload.json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert "PRFL training is not built yet" in done.stderr + done.stdout
+    assert "reward.path is not set" in done.stderr + done.stdout
 
 
 def test_runner_rejects_a_bad_override():
