@@ -35,7 +35,8 @@ def test_reward_objectives_and_their_gradients(objective, expected, slope):
     loss.backward()
     assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-5)
     assert logits.grad.tolist() == pytest.approx(slope, rel=1e-5)
-    assert reward_loss(torch.tensor([5.0]), config).item() <= 0 or objective != "hinge"
+    if objective == "hinge":  # no push once the logit clears the margin
+        assert reward_loss(torch.tensor([5.0]), config).item() == 0
 
 
 def test_the_reference_objective_never_clips_and_fades_when_the_reward_model_is_confident():
