@@ -22,6 +22,7 @@ share, and their sum over the group (what DeepSpeed reduces) is the true gradien
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -80,11 +81,19 @@ def init_distributed(sp_size: int = 1):
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    # A process that exits with its groups alive can die in a thread destructor (gloo: "terminate called without
+    # an active exception") or hang there, after its work is done; tear them down first.
+    atexit.register(_destroy_process_groups)
     layout = Layout(dist.get_rank(), dist.get_world_size(), sp_size)
     if sp_size == 1:
         return layout, None
     parallel_state_sp.initialize_sequence_parallel(sp_size)
     return layout, parallel_state_sp
+
+
+def _destroy_process_groups() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class _GatherSequence(torch.autograd.Function):

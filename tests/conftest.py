@@ -1,4 +1,6 @@
+import functools
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -12,6 +14,9 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
 from engine.dit import DiT, DiTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+# DeepSpeed compiles its CPU ops (CPU Adam, shared-memory comm) on first use, behind a lock file in the extensions
+# folder. A folder of this checkout's own means a lock left by some other, killed process can never stall the suite.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
 
 
 def randomized_dit(preset: str, seed: int = 0, **overrides) -> DiT:
@@ -50,10 +55,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(ranks: int, script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+@functools.cache
+def build_deepspeed_ops() -> None:
+    """Compile DeepSpeed's JIT ops once, in this process, before launched ranks need them (minutes on 2 cores the
+    first time; a cached load after that)."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    CPUAdamBuilder().load(verbose=False)
+    if not torch.cuda.is_available():
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        ShareMemCommBuilder().load(verbose=False)
+
+
+def launch(ranks: int, script: str, *args: str, check: bool = True, timeout: int = 600
+           ) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N script args` from the repository root (CPU ranks on a machine without GPUs)."""
+    build_deepspeed_ops()
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # Its own session, so that a timeout kills the launcher's rank processes too, not only the launcher.
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s; its last output:\n"
+                                 f"{stdout[-3000:]}\n{stderr[-3000:]}") from None
+    done = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
