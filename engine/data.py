@@ -11,15 +11,20 @@ On disk (written by `write_sample` / `write_list`, read by `LatentListDataset`):
                                        labels such as "physics_quality" / "human_quality" / "motion_quality", ...}
     <root>/<name>.list                one meta path per line, relative to the list file
     <root>/null_context.safetensors   {"context": [L0, text_dim]}: the empty prompt's embedding
+
+engine/preprocess.py writes such a dataset from videos. Samples of different latent shapes (portrait and landscape
+videos) train together through `sample_order`, which keeps each micro-batch to one shape.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.dit import CLIP_TOKENS, DiTConfig
@@ -49,14 +54,18 @@ class RandomLatents(torch.utils.data.Dataset):
         return sample
 
 
+def first_frame_mask(channels: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The mask part of Wan's i2v condition: [channels, f, h, w], ones on latent frame 0 (the given frame)."""
+    mask = torch.zeros(channels, *shape)
+    mask[:, 0] = 1
+    return mask
+
+
 def first_frame_condition(latents: torch.Tensor, channels: int) -> torch.Tensor:
     """Wan's i2v condition: a mask (ones on latent frame 0) followed by the first frame's latent, zeros after."""
-    mask_channels = channels - latents.shape[0]
-    mask = torch.zeros(mask_channels, *latents.shape[1:])
-    mask[:, 0] = 1
     condition = torch.zeros_like(latents)
     condition[:, 0] = latents[:, 0]
-    return torch.cat([mask, condition])
+    return torch.cat([first_frame_mask(channels - latents.shape[0], latents.shape[1:]), condition])
 
 
 class GlobalOrder:
@@ -79,6 +88,51 @@ class GlobalOrder:
             generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
             self._epoch, self._order = epoch, torch.randperm(self.num_samples, generator=generator).tolist()
         return self._order[position]
+
+
+class BucketedOrder:
+    """GlobalOrder for a dataset of several latent shapes: the `micro_batch` consecutive sample numbers of a
+    micro-batch (starting at a multiple of `micro_batch`, as `Trainer.sample_numbers` takes them) are samples of one
+    shape, so they stack.
+
+    Epoch e shuffles each bucket (the samples of one shape), fills its last micro-batch up with the bucket's first
+    samples in that order, and visits the micro-batches of all buckets in a random order. Like GlobalOrder it depends
+    only on (seed, sample number): every rank and a resumed run agree.
+    """
+
+    def __init__(self, shapes: list[tuple[int, ...]], micro_batch: int, seed: int) -> None:
+        if not shapes:
+            raise ValueError("the dataset is empty")
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch={micro_batch}: expected at least 1")
+        buckets: dict[tuple[int, ...], list[int]] = {}
+        for index, shape in enumerate(shapes):
+            buckets.setdefault(tuple(shape), []).append(index)
+        self.buckets = [buckets[shape] for shape in sorted(buckets)]
+        self.micro_batch, self.seed = micro_batch, seed
+        self.epoch_length = sum(-(-len(bucket) // micro_batch) * micro_batch for bucket in self.buckets)
+        self._epoch, self._order = -1, None
+
+    def index(self, sample_number: int) -> int:
+        epoch, position = divmod(sample_number, self.epoch_length)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            batches = []
+            for bucket in self.buckets:
+                order = [bucket[i] for i in torch.randperm(len(bucket), generator=generator).tolist()]
+                order += [order[i % len(order)] for i in range(-len(order) % self.micro_batch)]
+                batches += [order[i:i + self.micro_batch] for i in range(0, len(order), self.micro_batch)]
+            visit = torch.randperm(len(batches), generator=generator).tolist()
+            self._epoch, self._order = epoch, [index for b in visit for index in batches[b]]
+        return self._order[position]
+
+
+def sample_order(dataset, micro_batch: int, seed: int) -> GlobalOrder | BucketedOrder:
+    """The run's sample order: GlobalOrder, or BucketedOrder when the dataset's `latent_shapes` differ."""
+    shapes = getattr(dataset, "latent_shapes", None)
+    if shapes is None or len(set(shapes)) == 1:
+        return GlobalOrder(len(dataset), seed)
+    return BucketedOrder(shapes, micro_batch, seed)
 
 
 class SampleRandomness:
@@ -143,10 +197,11 @@ def write_list(root: str | Path, name: str, meta_paths: list[Path], null_context
 
 class LatentListDataset(torch.utils.data.Dataset):
     """Samples named by a list file. Each meta is checked for the fields the task needs when the dataset opens,
-    so a broken record stops the run at once, naming its file and field, instead of hours in."""
+    so a broken record stops the run at once, naming its file and field, instead of hours in. Every sample file
+    must hold the tensors named by `tensors` (i2v adds `clip_fea` and `y`)."""
 
     def __init__(self, list_file: str | Path, required_fields: tuple[str, ...] = (),
-                 latent_channels: int | None = None) -> None:
+                 latent_channels: int | None = None, tensors: tuple[str, ...] = ("latents", "context")) -> None:
         list_file = Path(list_file)
         if not list_file.is_file():
             raise FileNotFoundError(f"data list {list_file} does not exist")
@@ -158,7 +213,12 @@ class LatentListDataset(torch.utils.data.Dataset):
             meta_path = (list_file.parent / line.strip())
             if not meta_path.is_file():
                 raise FileNotFoundError(f"{list_file}:{number}: meta file {meta_path} does not exist")
-            meta = json.loads(meta_path.read_text())
+            try:
+                meta = json.loads(meta_path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{list_file}:{number}: meta file {meta_path} is not valid JSON ({e})") from None
+            if not isinstance(meta, dict):
+                raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
             for field in ("sample_path", *required_fields):
                 if field not in meta:
                     raise ValueError(f"{meta_path}: missing field {field!r} (needed: sample_path"
@@ -175,17 +235,29 @@ class LatentListDataset(torch.utils.data.Dataset):
         if not null_path.is_file():
             raise FileNotFoundError(f"{null_path} (the empty prompt's embedding) does not exist beside {list_file}")
         self.null_context = load_file(null_path)["context"]
-        self.latent_channels = latent_channels
+        self.latent_channels, self.tensors = latent_channels, tensors
 
     def __len__(self) -> int:
         return len(self.metas)
+
+    @functools.cached_property
+    def latent_shapes(self) -> list[tuple[int, ...]]:
+        """Each sample's latent shape [C, F, H, W], from its meta or, where a meta has none, the file's header."""
+        shapes = []
+        for meta, path in zip(self.metas, self.sample_paths):
+            shape = meta.get("latent_shape")
+            if shape is None:
+                with safe_open(path, framework="pt") as f:
+                    shape = f.get_slice("latents").get_shape()
+            shapes.append(tuple(shape))
+        return shapes
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         path = self.sample_paths[index]
         if not path.is_file():
             raise FileNotFoundError(f"sample file {path} (from meta {self.metas[index]['id']}) does not exist")
         sample = load_file(path)
-        for key in ("latents", "context"):
+        for key in self.tensors:
             if key not in sample:
                 raise KeyError(f"{path}: no tensor {key!r} (has {', '.join(sample)})")
         if self.latent_channels is not None and sample["latents"].shape[0] != self.latent_channels:
@@ -203,7 +275,8 @@ def build_dataset(data, model: DiTConfig, seed: int, required_fields: tuple[str,
         from engine.synthetic import SyntheticMotion
 
         return SyntheticMotion(data.num_samples, seed=seed)
-    return LatentListDataset(data.list_file, required_fields, latent_channels=model.out_dim)
+    tensors = ("latents", "context") + (("clip_fea", "y") if model.model_type == "i2v" else ())
+    return LatentListDataset(data.list_file, required_fields, latent_channels=model.out_dim, tensors=tensors)
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
