@@ -24,6 +24,7 @@ setup(
         "liger-kernel>=0.8",
         "peft>=0.21",
         "av>=18",
+        "ftfy>=6.3",
         "tqdm>=4.70",
     ],
     extras_require={
