@@ -132,12 +132,16 @@ def write_mp4(path: str | Path, frames: torch.Tensor, fps: float, crf: int = 18)
     pixels = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    with av.open(str(staging), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for image in pixels:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
-        container.mux(stream.encode())
+    try:
+        with av.open(str(staging), "w") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for image in pixels:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
+            container.mux(stream.encode())
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
     staging.replace(path)
     return path
