@@ -73,10 +73,15 @@ class BlockInputStore:
 
 
 class _CheckpointedBlock(torch.autograd.Function):
-    """Run a block without keeping activations; in backward, fetch its input, recompute and back-propagate."""
+    """Run a block without keeping activations; in backward, fetch its input, recompute and back-propagate.
+
+    `anchor` is an empty tensor that requires grad, given for blocks with trainable parameters: it puts the output
+    into the autograd graph even when no real input requires grad (frozen embeddings: LoRA, the reward model's
+    trunk). The parameters themselves cannot be inputs: ZeRO-3 would fix their partitioned shape in autograd.
+    """
 
     @staticmethod
-    def forward(ctx, block, store: BlockInputStore, x, e6, context, rope_cos, rope_sin):
+    def forward(ctx, block, store: BlockInputStore, x, e6, context, rope_cos, rope_sin, anchor):
         rope = Rope(rope_cos, rope_sin)
         with torch.no_grad():
             out = block(x, e6, context, rope)
@@ -92,18 +97,21 @@ class _CheckpointedBlock(torch.autograd.Function):
         with torch.enable_grad():
             out = ctx.block(x, e6, context, Rope(rope_cos, rope_sin))
         torch.autograd.backward(out, grad_out)
-        return None, None, x.grad, e6.grad, context.grad, None, None
+        return None, None, x.grad, e6.grad, context.grad, None, None, None
 
 
 def apply_activation_checkpointing(model: DiT, offload: bool = False) -> BlockInputStore:
     """Checkpoint every block of `model` (in place), parking block inputs on the host when `offload` is set."""
     store = BlockInputStore(offload)
     model.enable_gradient_checkpointing(False)  # this replaces the model's own switch
+    anchor = torch.empty(0, requires_grad=True)
 
     def run_block(block, tokens: torch.Tensor, emb: Embedded) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return block(tokens, emb.e6, emb.context, emb.rope)
-        return _CheckpointedBlock.apply(block, store, tokens, emb.e6, emb.context, emb.rope.cos, emb.rope.sin)
+        trains = any(p.requires_grad for p in block.parameters())
+        return _CheckpointedBlock.apply(block, store, tokens, emb.e6, emb.context, emb.rope.cos, emb.rope.sin,
+                                        anchor if trains else None)
 
     model.run_block = run_block
     return store
