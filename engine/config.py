@@ -195,6 +195,48 @@ class TrainConfig:
             raise ConfigError(f"train.lr={self.lr}: expected a positive number")
 
 
+# Layers of a block that can carry LoRA adapters: those that both diffusers' Wan LoRA loader and the original Wan /
+# ComfyUI layout name (k_img / v_img only as a pair, i2v only).
+LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft) on the generator instead of full fine-tuning; see engine/lora.py."""
+
+    rank: int = 0  # adapter rank r; 0 = LoRA off, every weight of the generator trains
+    alpha: float | None = None  # the adapters' update is scaled by alpha / rank; None: alpha = rank (scale 1)
+    dropout: float = 0.0  # dropout on the adapters' input; needs memory.checkpointing=false (no mask replay)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS[:8]))  # layers of every block that get
+    # adapters (default: q, k, v, o of self- and cross-attention); also cross_attn.k_img + v_img (i2v), ffn.0, ffn.2
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank={self.rank}: expected 0 (off) or a positive rank")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"lora.alpha={self.alpha}: expected a positive number (or null for alpha = rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout}: expected a probability in [0, 1)")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ConfigError(f"lora.targets: unknown layer {unknown[0]!r}; expected some of {', '.join(LORA_TARGETS)}")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"lora.targets={self.targets}: expected a non-empty list without repeats")
+        if ("cross_attn.k_img" in self.targets) != ("cross_attn.v_img" in self.targets):
+            raise ConfigError(f"lora.targets={self.targets}: cross_attn.k_img and cross_attn.v_img go together "
+                              "(diffusers' Wan LoRA converter reads them only as a pair)")
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor of the adapters' update B A."""
+        return self.effective_alpha / self.rank
+
+
 @dataclass
 class RunConfig:
     """One training or generation run."""
@@ -208,8 +250,14 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prfl: PRFLConfig = field(default_factory=PRFLConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     seed: int = 0  # base seed; each data-parallel group derives its own, shared by its sequence-parallel ranks
     output_dir: str = "runs/default"  # checkpoints, logs, the resolved config
+
+    def __post_init__(self) -> None:
+        if self.lora.rank and self.lora.dropout and self.memory.checkpointing:
+            raise ConfigError(f"lora.dropout={self.lora.dropout} needs memory.checkpointing=false: checkpointed "
+                              "blocks are recomputed in backward without replaying the dropout mask")
 
 
 # ---------------------------------------------------------------------------------------------------------------
