@@ -15,6 +15,7 @@ Run folder:
     checkpoints/step_000010/                       DeepSpeed checkpoint (model, optimizer, scheduler, client state)
         rank_state/rank_00000.pt                   per-rank RNG states
         model/                                     consolidated safetensors + config.json (DiT.from_pretrained)
+        lora/                                      LoRA runs: the adapters (model/ is then the merged model)
         COMPLETE                                   written last: only complete checkpoints are resumed from
 """
 
@@ -40,6 +41,7 @@ from engine.atomic import atomic_write_text
 from engine.config import ConfigError, RunConfig, to_dict
 from engine.data import GlobalOrder, SampleRandomness, build_dataset, collate
 from engine.dit import DiT, DiTConfig
+from engine.lora import add_lora, has_lora, save_lora_export
 from engine.offload import apply_activation_checkpointing
 from engine.parallel import Layout, apply_ulysses, init_distributed
 from engine.weights import read_config, save_dit_state
@@ -241,6 +243,8 @@ class Trainer:
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model = self.build_model()
+        if config.lora.rank and not has_lora(self.transformer):
+            raise ConfigError(f"lora.rank={config.lora.rank}: {type(self).__name__} does not train LoRA adapters")
         if config.parallel.sp_size > 1:
             apply_ulysses(self.transformer, mpu.get_sequence_parallel_group())
         if config.memory.checkpointing:
@@ -283,8 +287,12 @@ class Trainer:
         cfg = self.config.model
         runtime = {"attention_backend": cfg.attention_backend, "kernel_backend": cfg.kernel_backend}
         if cfg.path:
-            return DiT.from_pretrained(cfg.path, dtype=self.dtype, **runtime)
-        return DiT(DiTConfig.preset(cfg.preset, **runtime)).to(self.dtype)
+            model = DiT.from_pretrained(cfg.path, dtype=self.dtype, **runtime)
+        else:
+            model = DiT(DiTConfig.preset(cfg.preset, **runtime)).to(self.dtype)
+        if self.config.lora.rank:
+            add_lora(model, self.config.lora)
+        return model
 
     @property
     def transformer(self) -> DiT:
@@ -299,8 +307,12 @@ class Trainer:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def export(self, checkpoint: Path, out: Path) -> None:
-        """Write the consolidated, loadable model of a saved checkpoint."""
-        export_checkpoint(checkpoint, out, self.model.config)
+        """Write the consolidated, loadable model of a saved checkpoint (LoRA: merged, adapters in `lora/` beside)."""
+        if self.config.lora.rank:
+            save_lora_export(consolidated_state(checkpoint), self.model.config, self.config.lora, out,
+                             out.parent / "lora")
+        else:
+            export_checkpoint(checkpoint, out, self.model.config)
 
     @property
     def is_main(self) -> bool:
@@ -411,7 +423,8 @@ class Trainer:
         path = checkpoints / tag
         self.engine.save_checkpoint(str(checkpoints), tag=tag, save_latest=False,
                                     client_state={"step": self.step, "samples_seen": self.step * self.global_batch,
-                                                  "dit_config": self.transformer.config.to_dict()})
+                                                  "dit_config": self.transformer.config.to_dict(),
+                                                  "lora": to_dict(self.config.lora)})
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         (path / "rank_state").mkdir(exist_ok=True)
