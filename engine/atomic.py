@@ -29,10 +29,21 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_text(target: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary name and an atomic rename."""
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it replaces `target`, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    staging.write_text(text)
+    try:
+        yield staging
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
     os.replace(staging, target)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary name and an atomic rename."""
+    with atomic_file(target) as staging:
+        staging.write_text(text)
