@@ -2,6 +2,7 @@
 
     add_lora(model, LoRAConfig(rank=16, alpha=16))      # in place: adapters train, everything else is frozen
     save_lora_export(model.state_dict(), model.config, lora_config, "out/model", "out/lora")
+    apply_lora(model, read_lora("out/lora", model), scale=1.0)   # merge an exported LoRA into a plain DiT
 
 peft renames what it wraps: a targeted layer's `blocks.0.self_attn.q.weight` becomes `...q.base_layer.weight`, and
 the adapter adds `...q.lora_A.default.weight` (A [r, in]) and `...q.lora_B.default.weight` (B [out, r], zero at
@@ -17,6 +18,8 @@ model or consolidated from a ZeRO checkpoint, and write:
   lora_down.weight`, `lora_up.weight` and an `alpha` scalar per layer), which ComfyUI and diffusers' converter for
   non-diffusers Wan LoRAs read;
 - `lora_config.json` with rank, alpha and targets.
+
+`read_lora` reads either file back (for sampling a base model with an exported LoRA on top).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -40,6 +44,9 @@ CONFIG_FILE = "lora_config.json"
 
 _ADAPTER_KEY = re.compile(rf"(?P<module>.+)\.lora_(?P<factor>[AB])\.{ADAPTER}\.weight")
 _BASE_KEY = re.compile(r"(?P<module>.+)\.base_layer\.(?P<param>weight|bias)")
+_DIFFUSERS_FILE_KEY = re.compile(r"transformer\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
+_ORIGINAL_FILE_KEY = re.compile(r"diffusion_model\.(?P<module>.+)\.(?P<factor>lora_down\.weight|lora_up\.weight|alpha)")
+_ORIGINAL_FACTORS = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
 
 
 def add_lora(model: DiT, config: LoRAConfig) -> DiT:
@@ -79,12 +86,17 @@ def split_lora_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return base, {module: (ab["A"], ab["B"]) for module, ab in sorted(factors.items())}
 
 
+def merge_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B A, computed in fp32 on W's device, returned in W's dtype."""
+    delta = b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)
+    return (weight.float() + scale * delta).to(weight.dtype)
+
+
 def merged_state(state: dict[str, torch.Tensor], config: LoRAConfig) -> dict[str, torch.Tensor]:
     """W + (alpha / r) B A for every adapted layer, in the original Wan names."""
     base, adapters = split_lora_state(state)
     for module, (a, b) in adapters.items():
-        weight = base[f"{module}.weight"]
-        base[f"{module}.weight"] = (weight.float() + config.scale * (b.float() @ a.float())).to(weight.dtype)
+        base[f"{module}.weight"] = merge_weight(base[f"{module}.weight"], a, b, config.scale)
     return base
 
 
@@ -130,3 +142,58 @@ def save_lora_export(state: dict[str, torch.Tensor], dit_config: DiTConfig, conf
         record = {**dataclasses.asdict(config), "alpha": config.effective_alpha}
         (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2))
 
+
+
+def read_lora(path, model: DiT) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The adapters of a LoRA file in either layout `save_lora_export` writes, as {Wan layer name: (A [r, in],
+    B [out, r], alpha / r)}, checked against `model`'s linear layers. `path` is the file, or a folder holding one
+    (diffusers' file is taken when both are there: they hold the same adapters)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in (DIFFUSERS_FILE, ORIGINAL_FILE) if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"LoRA folder {path} holds neither {DIFFUSERS_FILE} nor {ORIGINAL_FILE}")
+        path = found[0]
+    elif not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    from_diffusers = {theirs: wan for wan, theirs in _diffusers_names(list(layers)).items()}
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(path).items():
+        if m := _DIFFUSERS_FILE_KEY.fullmatch(key):
+            module, factor = from_diffusers.get(m["module"]), m["factor"]
+        elif m := _ORIGINAL_FILE_KEY.fullmatch(key):
+            module, factor = m["module"], _ORIGINAL_FACTORS[m["factor"]]
+        else:
+            raise ValueError(f"{path}: key {key} is in neither LoRA layout: expected diffusers' "
+                             "transformer.<layer>.lora_A/lora_B.weight or the original "
+                             "diffusion_model.<layer>.lora_down/lora_up.weight and .alpha")
+        if module not in layers:
+            raise ValueError(f"{path}: key {key} names no linear layer of this {model.config.model_type} model "
+                             f"({model.config.num_layers} blocks)")
+        factors.setdefault(module, {})[factor] = value
+    adapters = {}
+    for module, found in sorted(factors.items()):
+        if not {"A", "B"} <= found.keys():
+            raise ValueError(f"{path}: layer {module} has {', '.join(sorted(found))} but needs both LoRA factors "
+                             "(lora_A/lora_down and lora_B/lora_up)")
+        a, b, layer = found["A"], found["B"], layers[module]
+        rank = a.shape[0]
+        if a.shape != (rank, layer.in_features) or b.shape != (layer.out_features, rank):
+            raise ValueError(f"{path}: layer {module} has factors A {tuple(a.shape)} and B {tuple(b.shape)}; the "
+                             f"model's layer needs A [r, {layer.in_features}] and B [{layer.out_features}, r]")
+        # diffusers' layout carries no alpha: readers take alpha = rank (our export folds alpha / r into B).
+        alpha = found["alpha"].item() if "alpha" in found else rank
+        adapters[module] = (a, b, alpha / rank)
+    return adapters
+
+
+def apply_lora(model: DiT, adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]], scale: float = 1.0) -> DiT:
+    """Merge `read_lora`'s adapters into a plain DiT in place: W + scale * (alpha / r) B A."""
+    with torch.no_grad():
+        for module, (a, b, layer_scale) in adapters.items():
+            weight = model.get_submodule(module).weight
+            weight.copy_(merge_weight(weight, a, b, scale * layer_scale))
+    return model
