@@ -44,6 +44,34 @@ def dit_inputs(config: DiTConfig, batch: int = 2, frames: int = 5, height: int =
     return inputs
 
 
+def save_tiny_encoders(root: Path, words: list[str], text_dim: int = 32, clip_dim: int = 48) -> Path:
+    """Tiny random encoders saved as a diffusers Wan2.1 pipeline folder holds them: vae/ (AutoencoderKLWan with
+    Wan's strides 4 x 8 x 8 and 16 latent channels), tokenizer/ (word level over `words`, with </s>), text_encoder/
+    (umT5, width `text_dim`), image_encoder/ (CLIP, width `clip_dim`) and image_processor/."""
+    from diffusers import AutoencoderKLWan
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast,
+                              UMT5Config, UMT5EncoderModel)
+
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                     temperal_downsample=[False, True, True]).save_pretrained(root / "vae")
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+                            ).save_pretrained(root / "tokenizer")
+    UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8)).save_pretrained(root / "text_encoder")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=clip_dim, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, image_size=224, patch_size=14)
+                    ).save_pretrained(root / "image_encoder")
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+                       ).save_pretrained(root / "image_processor")
+    return root
+
+
 @pytest.fixture(params=["tiny", "tiny-i2v"])
 def preset(request) -> str:
     return request.param

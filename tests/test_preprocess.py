@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, save_tiny_encoders
 from safetensors.torch import load_file
 
 from engine.config import ConfigError, load_config
@@ -70,29 +70,7 @@ def constant_rate(count: int, fps: float) -> list[float]:
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory) -> Path:
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast,
-                              UMT5Config, UMT5EncoderModel)
-
-    root = tmp_path_factory.mktemp("encoders")
-    torch.manual_seed(0)
-    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                     temperal_downsample=[False, True, True]).save_pretrained(root / "vae")
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-                            ).save_pretrained(root / "tokenizer")
-    UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                relative_attention_num_buckets=8)).save_pretrained(root / "text_encoder")
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_DIM, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, image_size=224, patch_size=14)
-                    ).save_pretrained(root / "image_encoder")
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
-                       ).save_pretrained(root / "image_processor")
-    return root
+    return save_tiny_encoders(tmp_path_factory.mktemp("encoders"), WORDS, TEXT_DIM, CLIP_DIM)
 
 
 @pytest.fixture(scope="module")
