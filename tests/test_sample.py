@@ -1,0 +1,199 @@
+"""runners/sample.py: latents equal the sampler's for the seed's noise, LoRA files sample like the merged export,
+mp4s of the asked size, synthetic samples the judge reads, and bad input named. Tiny random DiT and encoders."""
+
+import copy
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from conftest import randomized_dit, save_tiny_encoders
+from safetensors import safe_open
+
+from engine.config import LoRAConfig
+from engine.dit import DiT
+from engine.encoders import VAE, TextEncoder
+from engine.flow import sample
+from engine.generate import WAN_NEGATIVE_PROMPT
+from engine.lora import ORIGINAL_FILE, add_lora, merged_state, save_lora_export
+from engine.synthetic import PROMPTS, SHAPE, encode_prompt
+from engine.weights import save_dit_state
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "a the red blue dog cat runs jumps on in beach forest city ball car".split()
+SIZE = ["--frames", "5", "--height", "32", "--width", "48"]  # latents [16, 2, 4, 6]
+SYNTHETIC = ["--synthetic", *SIZE, "--steps", "3"]
+
+spec = importlib.util.spec_from_file_location("sample_runner", ROOT / "runners" / "sample.py")
+runner = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runner)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine a second one makes each op wait for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("assets")
+    randomized_dit("tiny").save_pretrained(root / "model")
+    save_tiny_encoders(root / "encoders", WORDS)
+    return root
+
+
+def read_outputs(out: Path) -> list[tuple[dict, torch.Tensor, dict]]:
+    """(index record, latents, safetensors metadata) per video, in index order."""
+    outputs = []
+    for line in (out / "index.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        with safe_open(out / record["latents"], framework="pt") as f:
+            outputs.append((record, f.get_tensor("latents"), f.metadata()))
+    return outputs
+
+
+def test_latents_are_the_samplers_for_each_seeds_noise(assets, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red dog runs on the beach", "seed": 7}\n\n{"prompt": "the cat"}\n')
+    common = ["--model", str(assets / "model"), "--text-encoder", str(assets / "encoders/text_encoder"),
+              "--prompts", str(prompts), "--seeds", "3", "4", "--steps", "3", "--guidance", "4", *SIZE]
+    assert runner.main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert runner.main([*common, "--batch-size", "3", "--out", str(tmp_path / "three")]) == 0
+
+    outputs = read_outputs(tmp_path / "one")
+    assert [(r["prompt"], r["seed"]) for r, _, _ in outputs] == [("a red dog runs on the beach", 7), ("the cat", 3),
+                                                                  ("the cat", 4)]
+    record, _, metadata = outputs[0]
+    assert metadata["prompt"] == "a red dog runs on the beach" and metadata["seed"] == "7"
+    assert metadata["model"] == str((assets / "model").resolve()) and json.loads(metadata["guidance"]) == 4.0
+    assert record["negative_prompt"] == WAN_NEGATIVE_PROMPT and record["latent_shape"] == [2, 4, 6]
+
+    # Direct use of the sampler: the seed's noise on a CPU generator, umT5 embeddings, Wan's negative prompt.
+    model = DiT.from_pretrained(assets / "model").eval()  # loaded as the runner loads it: the same numerics
+    text = TextEncoder(assets / "encoders/text_encoder", assets / "encoders/tokenizer")
+    negative = text.encode([WAN_NEGATIVE_PROMPT])[0][None]
+    for (record, latents, _), (_, batched, _) in zip(outputs, read_outputs(tmp_path / "three")):
+        noise = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(record["seed"]))
+        expected = sample(model, noise, text.encode([record["prompt"]])[0][None], steps=3, solver="unipc", shift=5.0,
+                          guidance_scale=4.0, negative_context=negative)[0]
+        assert torch.equal(latents, expected)
+        # Batched with a shorter prompt (zero-padded): the same videos up to summation order.
+        torch.testing.assert_close(batched, latents, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outputs[1][1], outputs[2][1], atol=1e-2)  # seeds 3 and 4 of one prompt
+
+
+def test_lora_files_sample_like_the_merged_export(assets, tmp_path):
+    base = randomized_dit("tiny")
+    config = LoRAConfig(rank=4, alpha=8, targets=["self_attn.q", "cross_attn.v", "ffn.2"])
+    adapted = add_lora(copy.deepcopy(base), config)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0.0, 0.2)
+    save_lora_export(adapted.state_dict(), base.config, config, tmp_path / "merged", tmp_path / "lora")
+    common = [*SYNTHETIC, "--prompt", PROMPTS[0], "--seeds", "0", "1"]
+
+    def latents(*args: str) -> list[torch.Tensor]:
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        assert runner.main([*common, *args, "--out", str(out)]) == 0
+        return [video for _, video, _ in read_outputs(out)]
+
+    merged = latents("--model", str(tmp_path / "merged"))
+    plain = latents("--model", str(assets / "model"))
+    assert not torch.allclose(merged[0], plain[0], atol=1e-3)  # the adapters change the videos
+    for lora in (tmp_path / "lora", tmp_path / "lora" / ORIGINAL_FILE):  # diffusers' layout, the original layout
+        for video, expected in zip(latents("--model", str(assets / "model"), "--lora", str(lora)), merged):
+            torch.testing.assert_close(video, expected, atol=1e-6, rtol=1e-6)
+
+    # --lora-scale 0.5 is the merge at half of alpha / rank.
+    save_dit_state(merged_state(adapted.state_dict(), LoRAConfig(rank=4, alpha=4, targets=config.targets)),
+                   base.config, tmp_path / "half")
+    scaled = latents("--model", str(assets / "model"), "--lora", str(tmp_path / "lora"), "--lora-scale", "0.5")
+    for video, expected in zip(scaled, latents("--model", str(tmp_path / "half"))):
+        torch.testing.assert_close(video, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_vae_writes_mp4s_of_the_asked_size(assets, tmp_path):
+    out = tmp_path / "out"
+    assert runner.main(["--model", str(assets / "model"), "--text-encoder", str(assets / "encoders/text_encoder"),
+                        "--vae", str(assets / "encoders/vae"), "--prompt", "a dog", "--frames", "9", "--height", "32",
+                        "--width", "48", "--steps", "2", "--out", str(out)]) == 0
+    [(record, latents, _)] = read_outputs(out)
+    assert record["video"] == "00000.mp4"
+    with av.open(str(out / record["video"])) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 9 and frames[0].shape == (32, 48, 3)
+    # The video shows the decoded latents, in order (H.264 is lossy: correlation, not equality; 0.5 when reversed).
+    decoded = VAE.from_pretrained(assets / "encoders/vae").decode(latents).clamp(-1, 1)  # [3, 9, 32, 48]
+    pixels = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
+    assert torch.corrcoef(torch.stack([pixels.flatten(), decoded.flatten()]))[0, 1] > 0.9
+
+
+def test_synthetic_samples_are_judged(assets, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPTS[0]}\n{PROMPTS[17]}\n")
+    out = tmp_path / "out"
+    assert runner.main(["--synthetic", "--model", str(assets / "model"), "--prompts", str(prompts), "--seeds", "0",
+                        "1", "--steps", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    outputs = read_outputs(out)
+    assert [r["prompt"] for r, _, _ in outputs] == [PROMPTS[0]] * 2 + [PROMPTS[17]] * 2
+    assert all(latents.shape == (16, *SHAPE) for _, latents, _ in outputs)  # the benchmark's latent shape
+    with safe_open(out / "00002.safetensors", framework="pt") as f:
+        assert torch.equal(f.get_tensor("context"), encode_prompt(PROMPTS[17]))
+    done = subprocess.run([sys.executable, "runners/synthetic.py", "judge", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["samples"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{tmp}/missing"], r"--model \S*missing: no such file or folder"),
+    (["--prompt", "a purple ball moving left in the forest"],
+     r"--prompt: prompt 'a purple ball moving left in the forest': unknown word\(s\) purple; the vocabulary is"),
+    (["--prompts", "{tmp}/prompts.txt"], r"prompts\.txt line 3: prompt 'a red ball moving sideways in the city': "
+                                         r"unknown word\(s\) sideways"),
+    (["--prompts", "{tmp}/prompts.jsonl"], r"prompts\.jsonl line 2: .*expected an object with a string \"prompt\""),
+    (["--frames", "8"], r"video size: frames=8: expected 4n \+ 1 frames"),
+    (["--height", "40"], r"video size: height=40: expected a positive multiple of 16"),
+    (["--steps", "0"], r"--steps 0: expected at least 1"),
+    (["--lora", "{model}/diffusion_pytorch_model.safetensors"],
+     r"--lora \S+: \S+ key \S+ is in neither LoRA layout"),
+    (["--out", "{model}"], r"--out \S+: expected a new or empty folder"),
+    (["--text-encoder", "{model}"], r"expected either --text-encoder PATH .* or --synthetic .*, not both"),
+])
+def test_bad_input_is_named(assets, tmp_path, capsys, args, message):
+    (tmp_path / "prompts.txt").write_text(f"{PROMPTS[0]}\n\na red ball moving sideways in the city\n")
+    (tmp_path / "prompts.jsonl").write_text(f'{{"prompt": "{PROMPTS[0]}"}}\n{{"prompt": "x", "seeds": [1]}}\n')
+    args = [a.format(tmp=tmp_path, model=assets / "model") for a in args]
+    defaults = {"--model": str(assets / "model"), "--out": str(tmp_path / "out")}
+    if not {"--prompts", "--prompt"} & set(args):
+        defaults["--prompt"] = PROMPTS[0]
+    argv = [*SYNTHETIC, *args, *(x for k, v in defaults.items() if k not in args for x in (k, v))]
+    with pytest.raises(SystemExit) as exit_:
+        runner.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert re.search(message, err), err
+
+
+def test_command_line_exit_status_and_help(assets, tmp_path):
+    done = subprocess.run([sys.executable, "runners/sample.py", "--synthetic", "--model", str(tmp_path / "none"),
+                           "--prompt", PROMPTS[0], "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().endswith("none: no such file or folder"), done.stderr
+    help_text = subprocess.run([sys.executable, "runners/sample.py", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120).stdout
+    for flag in ("--lora-scale", "--prompts", "--seeds", "--negative-prompt", "--synthetic", "--vae", "index.jsonl"):
+        assert flag in help_text
