@@ -147,8 +147,8 @@ class RewardConfig:
 class PRFLConfig:
     """The PRFL reward step: where in the sampling chain the gradient step falls and what the reward loss is."""
 
-    stage: Literal["all", "early", "middle", "late"] = "all"  # k uniform over the whole chain, its first or middle
-    # third, or its last quarter ("late" supervises like RGB ReFL, which only sees nearly clean latents)
+    stage: Literal["all", "early", "middle", "late", "last_quarter"] = "all"  # where step k is drawn, uniformly:
+    # the whole chain, one of its thirds (the paper's ablation), or its last quarter (RGB ReFL's nearly clean latents)
     objective: Literal["logit", "log_sigmoid", "hinge", "reference"] = "logit"
     # logit: -r (the paper); log_sigmoid: -log sigmoid(r); hinge: relu(margin - r); reference: relu(target -
     # sigmoid(r)), the reference code's loss, kept for comparison (its gradient vanishes as the reward grows confident)
@@ -165,6 +165,23 @@ class PRFLConfig:
             raise ConfigError(f"prfl.weight={self.weight}: expected a positive number")
         if self.sft_weight < 0:
             raise ConfigError(f"prfl.sft_weight={self.sft_weight}: expected a non-negative number")
+
+
+@dataclass
+class EvalConfig:
+    """Videos generated from fixed prompts and seeds before training and every `train.eval_every` steps (generator
+    runs): the synthetic benchmark's held-out pairs, or the first samples of the validation (else training) list."""
+
+    samples: int = 8  # videos per evaluation
+    seed: int = 10_000  # noise seed of the first video (the i-th uses seed + i)
+    batch_size: int = 8  # videos sampled together
+    vae: str | None = None  # a Wan2.1 VAE (diffusers folder or Wan2.1_VAE.pth): also write each video as mp4
+    fps: float = 16.0  # frame rate of the mp4s
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}={getattr(self, name)}: expected at least 1")
 
 
 @dataclass
@@ -250,6 +267,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prfl: PRFLConfig = field(default_factory=PRFLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     seed: int = 0  # base seed; each data-parallel group derives its own, shared by its sequence-parallel ranks
     output_dir: str = "runs/default"  # checkpoints, logs, the resolved config
@@ -390,3 +408,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=R
 def to_dict(config) -> dict:
     """Plain nested data (for writing the resolved config next to a run)."""
     return dataclasses.asdict(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The RGB ReFL baseline (engine/refl_rgb.py): the pixel-space method PRFL is measured against
+
+
+@dataclass
+class RGBReFLConfig:
+    """The RGB ReFL baseline step: decode the one-step x0 prediction of step k with the Wan VAE and score the pixels
+    with a frozen image (first frame) or video (all frames) reward model. The rollout, reward objective, weight,
+    rollout guidance and SFT weight are the `prfl` section's, so both methods train the same way."""
+
+    frames: Literal["first", "all"] = "first"  # first: ContentV-style, decode latent frame 0 and score it with a
+    # PickScore-class image model (the paper's baseline); all: decode every frame, score with a VideoAlign-class model
+    stage: Literal["all", "early", "middle", "late", "last_quarter"] = "last_quarter"  # where k is drawn
+    # (engine.prfl.stage_steps): by default the last quarter of the chain, "t close to 0" as RGB ReFL samples it
+    vae_path: str | None = None  # the Wan2.1 VAE: a diffusers AutoencoderKLWan folder or Wan2.1_VAE.pth
+    reward_path: str | None = None  # a folder written by the reward model's save_pretrained (transformers + head)
+    random_weights: bool = False  # benchmarks: random VAE and reward model of the sizes below, no paths needed
+    vae_config: dict[str, Any] = field(default_factory=dict)  # random_weights: AutoencoderKLWan arguments (default:
+    # Wan2.1's VAE)
+    reward_config: dict[str, Any] = field(default_factory=dict)  # random_weights: overrides of the reward model's
+    # transformers config (default: CLIP ViT-H/14 for `first`, Qwen2-VL-2B for `all`)
+    vae_checkpointing: bool = True  # recompute each latent frame's decoder pass in backward (diffusers has no
+    # gradient checkpointing for this VAE); keeps the frame's input and the causal-convolution caches only
+    vae_tiling: bool = False  # diffusers' spatial tiling instead (less memory without gradients, not with them)
+    reward_checkpointing: bool = True  # transformers' per-layer activation checkpointing in the reward model
+    fps: float = 16.0  # frame rate of the generated video (Wan2.1: 16), for the video model's frame sampling
+    sample_fps: float = 2.0  # `all`: frames per second the video reward model reads (VideoAlign: 2)
+    max_pixels: int = 200_704  # `all`: pixel budget of one frame for the video model (VideoAlign: 448 x 448)
+    min_pixels: int = 100_352  # `all`: lower bound of that budget (VideoAlign)
+
+    def __post_init__(self) -> None:
+        if self.vae_checkpointing and self.vae_tiling:
+            raise ConfigError("rgb_refl.vae_checkpointing and rgb_refl.vae_tiling exclude each other: tiles are "
+                              "decoded by diffusers, frame checkpointing by the step; choose one")
+        if self.sample_fps <= 0 or self.fps < self.sample_fps:
+            raise ConfigError(f"rgb_refl.sample_fps={self.sample_fps}: expected a positive rate at most "
+                              f"rgb_refl.fps={self.fps}")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ConfigError(f"rgb_refl.min_pixels={self.min_pixels}, max_pixels={self.max_pixels}: expected "
+                              "0 < min_pixels <= max_pixels")

@@ -60,11 +60,13 @@ def sample_videos(model: DiT, contexts: list[torch.Tensor], seeds: list[int], sh
                   solver: Literal["euler", "unipc"] = "unipc", shift: float = 5.0,
                   guidance_scale: float = 1.0) -> torch.Tensor:
     """Denoise one video per (context [L_i, text_dim], seed) in one batch; returns latents [B, C, f, h, w] (fp32,
-    CPU). `negative_context` [L, text_dim] is shared by the batch (classifier-free guidance when the scale != 1)."""
+    CPU). `negative_context` [L, text_dim] is shared by the batch (classifier-free guidance when the scale != 1).
+    `model` may be the DeepSpeed engine wrapping the DiT (ZeRO-3 gathers each layer's parameters as it runs)."""
     if len(contexts) != len(seeds):
         raise ValueError(f"{len(contexts)} contexts but {len(seeds)} seeds: expected one seed per video")
     device = next(model.parameters()).device
-    noise = torch.stack([seeded_noise(seed, shape, model.config.out_dim) for seed in seeds]).to(device)
+    channels = getattr(model, "module", model).config.out_dim
+    noise = torch.stack([seeded_noise(seed, shape, channels) for seed in seeds]).to(device)
     # Zero-padding the prompts to the batch's longest changes nothing: the DiT zero-pads every prompt to text_len.
     context = collate([{"context": c} for c in contexts])["context"].to(device)
     negative = None if negative_context is None else negative_context.expand(len(seeds), -1, -1).to(device)

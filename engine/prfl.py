@@ -22,16 +22,28 @@ from engine.config import PRFLConfig, SamplingConfig
 from engine.data import SampleRandomness
 from engine.flow import NUM_TRAIN_TIMESTEPS, guided_velocity, make_scheduler
 
-# Fractions of the chain each stage draws k from (the paper's ablation; "late" is the last quarter).
-STAGES = {"all": (0.0, 1.0), "early": (0.0, 1 / 3), "middle": (1 / 3, 2 / 3), "late": (0.75, 1.0)}
+def stage_steps(stage: str, steps: int) -> range:
+    """The step indices k (0-based, of `steps`) a stage draws from: the paper's thirds of the chain (early / middle
+    / late: steps 1-13 / 14-26 / 27-40 of 40), `last_quarter` (where RGB ReFL supervises: nearly clean latents) or
+    `all`."""
+    third = steps // 3
+    ranges = {"all": range(steps), "early": range(0, third), "middle": range(third, 2 * third),
+              "late": range(2 * third, steps), "last_quarter": range(steps - max(steps // 4, 1), steps)}
+    if not ranges[stage]:
+        raise ValueError(f"prfl.stage={stage!r} holds no step of a {steps}-step chain (sampling.steps); it needs "
+                         "at least 3 steps")
+    return ranges[stage]
 
 
 def step_index(u: float, steps: int, stage: str) -> int:
-    """The gradient step k in 0..steps-1 for a uniform draw u in [0, 1): uniform over the stage's steps."""
-    lo, hi = STAGES[stage]
-    first = min(math.floor(lo * steps), steps - 1)
-    last = max(first, math.ceil(hi * steps) - 1)
-    return first + min(int(u * (last - first + 1)), last - first)
+    """The gradient step k for a uniform draw u in [0, 1): uniform over the stage's steps."""
+    candidates = stage_steps(stage, steps)
+    return candidates[min(int(u * len(candidates)), len(candidates) - 1)]
+
+
+def stage_of(k: int, steps: int) -> str:
+    """The third of the chain that step k lies in, under which its reward is logged."""
+    return next(stage for stage in ("early", "middle", "late") if k in stage_steps(stage, max(steps, 3)))
 
 
 def reward_loss(logits: torch.Tensor, config: PRFLConfig) -> torch.Tensor:
@@ -72,6 +84,7 @@ class PRFLStep:
             raise ValueError("the reward model must be frozen (requires_grad_(False)) before PRFL")
         if config.rollout_guidance != 1.0 and null_context is None:
             raise ValueError(f"prfl.rollout_guidance={config.rollout_guidance} needs the empty prompt's embedding")
+        stage_steps(config.stage, sampling.steps)  # fails now, naming both settings, if the stage is empty
         self.config, self.sampling, self.reward_model = config, sampling, reward_model
         self.null_context = null_context
         self.step_override = step_override  # tests: a fixed k
@@ -115,7 +128,10 @@ class PRFLStep:
         reward_dtype = next(self.reward_model.parameters()).dtype
         logits = self.reward_model(x_next.to(reward_dtype), t_next, rollout.context).float()
         loss = reward_loss(logits, self.config)
-        return loss, {"loss/reward": loss.detach(), "reward/logit_mean": logits.detach().mean(),
+        logits = logits.detach()
+        return loss, {"loss/reward": loss.detach(), "reward/logit_mean": logits.mean(),
+                      "reward/logit_std": logits.std(unbiased=False),  # within the micro-batch
+                      f"reward/logit_{stage_of(k, self.sampling.steps)}": logits.mean(),
                       "reward/step_fraction": torch.tensor(k / self.sampling.steps, device=logits.device)}
 
     def __call__(self, model, batch: dict[str, torch.Tensor], rng: SampleRandomness):

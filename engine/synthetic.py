@@ -280,19 +280,16 @@ def held_out_pairs(count: int, seed: int = 10_000) -> list[tuple[str, int]]:
 @torch.no_grad()
 def generate(model, pairs: list[tuple[str, int]], steps: int = 20, solver: str = "unipc", shift: float = 3.0,
              guidance_scale: float = 1.0, batch_size: int = 16) -> torch.Tensor:
-    """Sample latents [N, 16, F, H, W] from a DiT with the project's sampler, one noise seed per pair."""
-    from engine.flow import sample
+    """Sample latents [N, 16, F, H, W] from a DiT with the project's sampler, one noise seed per pair (the noise
+    `runners/sample.py --synthetic` draws for that seed)."""
+    from engine.generate import sample_videos
 
-    device = next(model.parameters()).device
     outputs = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        noise = torch.stack([torch.randn(CHANNELS, *SHAPE, generator=_seeded("noise-gen", s)) for _, s in chunk])
-        context = torch.stack([encode_prompt(p) for p, _ in chunk]).to(device)
-        negative = null_prompt_embedding().expand(len(chunk), -1, -1).to(device)
-        outputs.append(sample(lambda x, t, c: model(x, t, c), noise.to(device), context, steps=steps, solver=solver,
-                              shift=shift, guidance_scale=guidance_scale,
-                              negative_context=negative if guidance_scale != 1.0 else None).cpu())
+        outputs.append(sample_videos(model, [encode_prompt(p) for p, _ in chunk], [s for _, s in chunk], SHAPE,
+                                     null_prompt_embedding(), steps=steps, solver=solver, shift=shift,
+                                     guidance_scale=guidance_scale))
     return torch.cat(outputs)
 
 

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import subprocess
 import time
@@ -39,7 +40,7 @@ import yaml
 
 from engine.atomic import atomic_write_text
 from engine.config import ConfigError, RunConfig, to_dict
-from engine.data import GlobalOrder, SampleRandomness, build_dataset, collate
+from engine.data import SampleRandomness, build_dataset, collate, sample_order
 from engine.dit import DiT, DiTConfig
 from engine.lora import add_lora, has_lora, save_lora_export
 from engine.offload import apply_activation_checkpointing
@@ -251,7 +252,7 @@ class Trainer:
             apply_activation_checkpointing(self.transformer, offload=config.memory.offload)
 
         self.dataset = dataset or self.build_dataset()
-        self.order = GlobalOrder(len(self.dataset), config.seed)
+        self.order = sample_order(self.dataset, config.train.micro_batch_size, config.seed)
 
         self._check_bucket_size()
         point = find_resume_point(self.run_dir, resume)
@@ -350,9 +351,12 @@ class Trainer:
     # -- loop ---------------------------------------------------------------------------------------------------
 
     def train_step(self, step_fn: StepFn) -> dict[str, float]:
-        """One optimizer step over `grad_accum` micro-batches; returns metrics averaged over them and the ranks."""
+        """One optimizer step over `grad_accum` micro-batches; returns metrics averaged over the micro-batches that
+        report them (a step function may report a metric only for some, e.g. the reward of one stage of the chain;
+        every rank reports the same names for a micro-batch) and over the ranks."""
         self.engine.train()
         totals: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
         for micro in range(self.config.train.grad_accum):
             numbers = self.sample_numbers(micro)
             rng = SampleRandomness(self.config.seed, numbers, self.device,
@@ -361,10 +365,11 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             for key, value in metrics.items():
-                totals[key] = totals.get(key, 0) + value.detach().float() / self.config.train.grad_accum
+                totals[key] = totals.get(key, 0) + value.detach().float()
+                counts[key] = counts.get(key, 0) + 1
         self.step += 1
         names = sorted(totals)
-        values = torch.stack([totals[k] for k in names]).to(self.device)
+        values = torch.stack([totals[k] / counts[k] for k in names]).to(self.device)
         dist.all_reduce(values)
         result = dict(zip(names, (values / self.layout.world_size).tolist()))
         result["lr"] = self.scheduler.get_last_lr()[0]
@@ -380,10 +385,17 @@ class Trainer:
         train = self.config.train
         writer = SummaryWriter(self.run_dir / "tensorboard") if self.is_main else None
         bar = tqdm(total=train.steps, initial=self.step, desc=step_fn.name, disable=not self.is_main)
+        if evaluate is not None and train.eval_every and self.step == 0:
+            start = evaluate(self)  # where the run starts from (every rank takes part: ZeRO-3 gathers collectively)
+            if self.is_main:
+                self._log(start, writer, bar)
         while self.step < train.steps:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
             metrics = self.train_step(step_fn)
             metrics["step_time_s"] = time.perf_counter() - started
+            metrics.update(self.peak_memory())
             if evaluate is not None and train.eval_every and (self.step % train.eval_every == 0
                                                               or self.step == train.steps):
                 metrics.update(evaluate(self))
@@ -396,6 +408,17 @@ class Trainer:
         bar.close()
         if writer is not None:
             writer.close()
+
+    def peak_memory(self) -> dict[str, float]:
+        """Peak memory of the step, the largest over the ranks: device memory allocated (CUDA; reset every step)
+        and the process's resident host memory (since it started)."""
+        peaks = {"memory/peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        if torch.cuda.is_available():
+            peaks["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            peaks["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+        values = torch.tensor(list(peaks.values()), device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return dict(zip(peaks, values.tolist()))
 
     def _log(self, metrics: dict[str, float], writer, bar) -> None:
         for key, value in metrics.items():

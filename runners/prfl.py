@@ -14,6 +14,7 @@ import sys
 
 from engine.cli import parse_run
 from engine.config import ConfigError
+from engine.evaluation import SampleEvaluation, validation_prompts
 from engine.prfl import PRFLStep, PRFLWithSFTStep
 from engine.reward import RewardModel
 from engine.sft import SFTStep
@@ -38,7 +39,11 @@ def main(argv=None) -> int:
     null_context = trainer.dataset.null_context.to(trainer.device)
     step = PRFLWithSFTStep(PRFLStep(config.prfl, config.sampling, reward, null_context),
                            SFTStep(config.sft, null_context), config.prfl.sft_weight)
-    trainer.fit(step)
+    evaluation = None
+    if config.train.eval_every:
+        evaluation = SampleEvaluation(config, validation_prompts(config, trainer.transformer.config), reward,
+                                      trainer.run_dir, trainer.dataset.null_context)
+    trainer.fit(step, evaluate=evaluation)
     return 0
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import randomized_dit
 from engine.config import load_config
 from engine.data import SampleRandomness
-from engine.prfl import PRFLStep, reward_loss, step_index
+from engine.prfl import PRFLStep, reward_loss, stage_of, step_index
 from engine.reward import RewardModel, RewardModelConfig
 
 
@@ -17,10 +17,15 @@ def test_stages_draw_the_step_index_from_their_part_of_the_chain():
     draws = [i / 4000 for i in range(4000)]
     whole = [step_index(u, 40, "all") for u in draws]
     assert set(whole) == set(range(40)) and max(whole.count(k) for k in range(40)) == 100  # uniform, last included
-    assert set(step_index(u, 40, "late") for u in draws) == set(range(30, 40))
-    assert set(step_index(u, 40, "early") for u in draws) == set(range(0, 14))
-    assert set(step_index(u, 40, "middle") for u in draws) == set(range(13, 27))
-    assert step_index(0.99, 1, "late") == 0
+    # the paper's stages of a 40-step chain: steps 1-13, 14-26, 27-40
+    assert set(step_index(u, 40, "early") for u in draws) == set(range(0, 13))
+    assert set(step_index(u, 40, "middle") for u in draws) == set(range(13, 26))
+    assert set(step_index(u, 40, "late") for u in draws) == set(range(26, 40))
+    assert set(step_index(u, 40, "last_quarter") for u in draws) == set(range(30, 40))
+    assert [stage_of(k, 40) for k in (0, 12, 13, 25, 26, 39)] == ["early", "early", "middle", "middle", "late", "late"]
+    assert step_index(0.99, 1, "last_quarter") == 0
+    with pytest.raises(ValueError, match="prfl.stage='middle' holds no step of a 2-step chain"):
+        step_index(0.5, 2, "middle")
 
 
 @pytest.mark.parametrize("objective,expected,slope", [

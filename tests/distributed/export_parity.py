@@ -35,8 +35,8 @@ def main() -> int:
     trainer.fit(SFTStep(config.sft, trainer.dataset.null_context), evaluate=evaluate)
     if dist.get_rank() == 0:
         logged = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-        if [("eval/output_rms" in m) for m in logged] != [True, True]:
-            print(f"evaluation hook did not run at every step: {logged}", flush=True)
+        if [(m["step"], "eval/output_rms" in m) for m in logged] != [(0, True), (1, True), (2, True)]:
+            print(f"evaluation hook did not run before training and at every step: {logged}", flush=True)
             return 1
     with torch.no_grad():
         engine_out = trainer.engine(**inputs)

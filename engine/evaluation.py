@@ -1,0 +1,125 @@
+"""Generation during training: fixed prompts and seeds sampled with the run's chain (`sampling.*`) before the first
+step and every `train.eval_every` steps, scored by the frozen reward model and, on the synthetic benchmark, by its
+judge.
+
+    evaluation = SampleEvaluation(run_config, validation_prompts(run_config, dit_config), reward_model, run_dir)
+    trainer.fit(step, evaluate=evaluation)        # logs val/reward_mean, val/reward_std (+ val/pass_rate ...)
+
+Every rank samples the same videos through the training engine (ZeRO-3 gathers one layer's parameters at a time,
+never the whole model); rank 0 writes them to `<run>/samples/step_NNNNNN/`: NNNNN.safetensors (`latents`, prompt and
+seed in the metadata), NNNNN.mp4 when `eval.vae` names a Wan2.1 VAE, and index.jsonl with each video's reward.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from engine.atomic import atomic_file, atomic_write_text
+from engine.config import RunConfig
+from engine.dit import DiTConfig
+from engine.generate import sample_videos
+
+
+@dataclass
+class ValidationPrompt:
+    context: torch.Tensor  # [L, text_dim]
+    prompt: str | None  # the text, when the data carries it
+    seed: int  # noise seed of the video
+
+
+def validation_prompts(config: RunConfig, model: DiTConfig) -> tuple[list[ValidationPrompt], tuple[int, int, int]]:
+    """The fixed prompts and seeds of a run's evaluation and their latent grid (f, h, w): held-out (prompt, seed)
+    pairs of the synthetic benchmark, the first samples of `data.val_list_file` (or of `data.list_file`), or random
+    prompts for `data.source: random`."""
+    count, seed = config.eval.samples, config.eval.seed
+    data = config.data
+    if data.source == "synthetic":
+        from engine.synthetic import SHAPE, encode_prompt, held_out_pairs
+
+        return [ValidationPrompt(encode_prompt(p), p, s) for p, s in held_out_pairs(count, seed)], SHAPE
+    from engine.data import LatentListDataset, build_dataset
+
+    if data.source == "list":
+        dataset = LatentListDataset(data.val_list_file or data.list_file, latent_channels=model.out_dim)
+        prompts = [meta.get("prompt") for meta in dataset.metas]
+    else:
+        dataset = build_dataset(data, model, seed)
+        prompts = [None] * len(dataset)
+    samples = [dataset[i % len(dataset)] for i in range(count)]
+    shape = tuple(samples[0]["latents"].shape[1:])
+    return [ValidationPrompt(s["context"], prompts[i % len(dataset)], seed + i) for i, s in enumerate(samples)], shape
+
+
+class SampleEvaluation:
+    """The evaluation hook of `Trainer.fit` for generators; see the module docstring."""
+
+    def __init__(self, config: RunConfig, prompts: tuple[list[ValidationPrompt], tuple[int, int, int]],
+                 reward_model: torch.nn.Module | None, run_dir: str | Path, null_context: torch.Tensor) -> None:
+        self.config, (self.prompts, self.shape) = config, prompts
+        self.reward_model, self.run_dir, self.null_context = reward_model, Path(run_dir), null_context
+        self.vae = None
+        if config.eval.vae:
+            from engine.encoders import VAE
+
+            self.vae = VAE.from_pretrained(config.eval.vae)
+
+    @torch.no_grad()
+    def sample(self, model) -> torch.Tensor:
+        """Latents [N, C, f, h, w] (CPU, fp32) of every validation prompt, in batches of `eval.batch_size`."""
+        sampling, size = self.config.sampling, self.config.eval.batch_size
+        return torch.cat([sample_videos(model, [p.context for p in chunk], [p.seed for p in chunk], self.shape,
+                                        self.null_context, steps=sampling.steps, solver=sampling.solver,
+                                        shift=sampling.shift, guidance_scale=sampling.guidance_scale)
+                          for chunk in (self.prompts[i:i + size] for i in range(0, len(self.prompts), size))])
+
+    @torch.no_grad()
+    def rewards(self, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The reward model's logits [N] of the clean latents (t = 0)."""
+        dtype = next(self.reward_model.parameters()).dtype
+        size, logits = self.config.eval.batch_size, []
+        for start in range(0, len(latents), size):
+            chunk = self.prompts[start:start + size]
+            context = torch.nn.utils.rnn.pad_sequence([p.context for p in chunk], batch_first=True)
+            x = latents[start:start + size].to(device, dtype)
+            logits.append(self.reward_model(x, torch.zeros(len(x), device=device), context.to(device, dtype)).float())
+        return torch.cat(logits).cpu()
+
+    def __call__(self, trainer) -> dict[str, float]:
+        trainer.engine.eval()
+        latents = self.sample(trainer.engine)
+        metrics, rewards = {}, None
+        if self.reward_model is not None:
+            rewards = self.rewards(latents, trainer.device)
+            metrics.update({"val/reward_mean": rewards.mean().item(), "val/reward_std": rewards.std().item(),
+                            "val/reward_prob_mean": rewards.sigmoid().mean().item()})
+        if self.config.data.source == "synthetic":
+            from engine.synthetic import judge, summarize
+
+            prompts = [p.prompt for p in self.prompts]
+            summary = summarize([judge(video, prompt) for video, prompt in zip(latents, prompts)], prompts)
+            metrics.update({f"val/{key}": value for key, value in summary.items() if key != "samples"})
+        if trainer.is_main:
+            self.write(trainer.run_dir / "samples" / f"step_{trainer.step:06d}", latents, rewards)
+        return metrics
+
+    def write(self, folder: Path, latents: torch.Tensor, rewards: torch.Tensor | None) -> None:
+        from engine.video import write_mp4
+
+        folder.mkdir(parents=True, exist_ok=True)
+        index = []
+        for i, (prompt, video) in enumerate(zip(self.prompts, latents)):
+            record = {"file": f"{i:05d}.safetensors", "prompt": prompt.prompt, "seed": prompt.seed}
+            if rewards is not None:
+                record["reward_logit"] = rewards[i].item()
+            with atomic_file(folder / record["file"]) as staging:
+                save_file({"latents": video.contiguous()}, staging,
+                          metadata={k: str(v) for k, v in record.items() if k != "file" and v is not None})
+            if self.vae is not None:
+                record["video"] = write_mp4(folder / f"{i:05d}.mp4", self.vae.decode(video), self.config.eval.fps).name
+            index.append(record)
+        atomic_write_text(folder / "index.jsonl", "".join(json.dumps(r) + "\n" for r in index))
