@@ -39,9 +39,9 @@ class VAE:
     the config's `latents_mean` / `latents_std` as the Wan pipelines do: z = (mean - latents_mean) / latents_std.
     """
 
-    def __init__(self, model, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.model = model.to(self.device, torch.float32).eval().requires_grad_(False)
+    def __init__(self, model, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.device, self.dtype = torch.device(device), dtype
+        self.model = model.to(self.device, dtype).eval().requires_grad_(False)
         config = model.config
         self.mean = torch.tensor(config.latents_mean).view(-1, 1, 1, 1)
         self.std = torch.tensor(config.latents_std).view(-1, 1, 1, 1)
@@ -50,7 +50,7 @@ class VAE:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu", tiling: bool = False,
-                        slicing: bool = False) -> "VAE":
+                        slicing: bool = False, dtype: torch.dtype = torch.float32) -> "VAE":
         """A diffusers `AutoencoderKLWan` folder, or a single checkpoint file (the original `Wan2.1_VAE.pth`, or
         .safetensors) with Wan2.1's architecture. `tiling` encodes/decodes in overlapping spatial tiles (less
         memory at 720P, slightly different numbers); `slicing` decodes a batch one video at a time."""
@@ -77,7 +77,7 @@ class VAE:
             model.enable_tiling()
         if slicing:
             model.enable_slicing()
-        return cls(model, device)
+        return cls(model, device, dtype)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         return (frames - 1) // self.temporal_stride + 1, height // self.spatial_stride, width // self.spatial_stride
@@ -90,7 +90,7 @@ class VAE:
                 width % self.spatial_stride:
             raise ValueError(f"frames must be [3, {self.temporal_stride}n+1, H, W] with H, W divisible by "
                              f"{self.spatial_stride}; got {tuple(frames.shape)}")
-        posterior = self.model.encode(frames[None].to(self.device, torch.float32)).latent_dist
+        posterior = self.model.encode(frames[None].to(self.device, self.dtype)).latent_dist
         return ((posterior.mode()[0].float().cpu() - self.mean) / self.std).contiguous()
 
     @torch.no_grad()
@@ -99,7 +99,7 @@ class VAE:
         single = latents.ndim == 4
         z = latents[None] if single else latents
         z = z.float().cpu() * self.std + self.mean
-        frames = self.model.decode(z.to(self.device)).sample.float().cpu()
+        frames = self.model.decode(z.to(self.device, self.dtype)).sample.float().cpu()
         return frames[0] if single else frames
 
     def i2v_condition(self, frames: torch.Tensor) -> torch.Tensor:

@@ -100,9 +100,11 @@ class _CheckpointedBlock(torch.autograd.Function):
         return None, None, x.grad, e6.grad, context.grad, None, None, None
 
 
-def apply_activation_checkpointing(model: DiT, offload: bool = False) -> BlockInputStore:
-    """Checkpoint every block of `model` (in place), parking block inputs on the host when `offload` is set."""
-    store = BlockInputStore(offload)
+def apply_activation_checkpointing(model: DiT, offload: bool = False, store: BlockInputStore | None = None
+                                   ) -> BlockInputStore:
+    """Checkpoint every block of `model` (in place), parking block inputs on the host when `offload` is set; `store`
+    replaces the default BlockInputStore(offload) (benchmarks/memory_model.py traces offload on a CPU with its own)."""
+    store = store or BlockInputStore(offload)
     model.enable_gradient_checkpointing(False)  # this replaces the model's own switch
     anchor = torch.empty(0, requires_grad=True)
 
