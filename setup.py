@@ -28,7 +28,8 @@ setup(
         "tqdm>=4.70",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.11"],  # matplotlib: benchmark charts (smoke tests)
+        "bench": ["matplotlib>=3.11"],
         "gpu": ["flash-attn>=2.7"],
     },
 )
