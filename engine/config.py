@@ -203,6 +203,8 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
     keep_last: int = 2  # checkpoints kept on disk
     export: bool = True  # write consolidated safetensors (DiT.from_pretrained) beside every checkpoint
+    ema_decay: float = 0.0  # EMA of the trained weights, ema = decay * ema + (1 - decay) * w per step (0 = off)
+    ema_start: int = 0  # optimizer steps during which the EMA copies the weights before it starts averaging
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "keep_last"):
@@ -210,6 +212,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: expected at least 1")
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr}: expected a positive number")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay}: expected 0 (off) or a decay in (0, 1)")
+        if self.ema_start < 0:
+            raise ConfigError(f"train.ema_start={self.ema_start}: expected 0 or more steps")
 
 
 # Layers of a block that can carry LoRA adapters: those that both diffusers' Wan LoRA loader and the original Wan /
