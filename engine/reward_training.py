@@ -24,7 +24,7 @@ from engine.dit import DiT, DiTConfig
 from engine.flow import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma, timestep_from_sigma, training_sigmas
 from engine.parallel import Layout
 from engine.reward import RewardModel, RewardModelConfig, save_reward_state
-from engine.trainer import Trainer, consolidated_state, log, resolve_ds_config
+from engine.trainer import Trainer, log, resolve_ds_config
 from engine.weights import read_config
 
 # The paper's evaluation intervals of sigma: [0, 0.2], (0.2, 0.4], ..., (0.8, 1.0].
@@ -310,8 +310,8 @@ class RewardTrainer(Trainer):
     def validation_dataset(self):
         return validation_dataset(self.config, self.transformer.config)
 
-    def export(self, checkpoint: Path, out: Path) -> None:
-        save_reward_state(consolidated_state(checkpoint), self.model.config, self.transformer.config, out)
+    def export(self, state: dict[str, torch.Tensor], out: Path) -> None:
+        save_reward_state(state, self.model.config, self.transformer.config, out)
 
     @staticmethod
     def dry_run(config: RunConfig, ds_template: dict) -> dict:

@@ -14,8 +14,10 @@ Run folder:
     metrics.jsonl, tensorboard/                    one line / scalar set per logged step
     checkpoints/step_000010/                       DeepSpeed checkpoint (model, optimizer, scheduler, client state)
         rank_state/rank_00000.pt                   per-rank RNG states
+        ema/rank_00000.pt                          train.ema_decay > 0: each rank's shards of the EMA (engine/ema.py)
         model/                                     consolidated safetensors + config.json (DiT.from_pretrained)
         lora/                                      LoRA runs: the adapters (model/ is then the merged model)
+        model_ema/, lora_ema/                      the same export of the EMA weights
         COMPLETE                                   written last: only complete checkpoints are resumed from
 """
 
@@ -42,6 +44,7 @@ from engine.atomic import atomic_write_text
 from engine.config import ConfigError, RunConfig, to_dict
 from engine.data import SampleRandomness, build_dataset, collate, sample_order
 from engine.dit import DiT, DiTConfig
+from engine.ema import consolidate, model_ema
 from engine.lora import add_lora, has_lora, save_lora_export
 from engine.offload import apply_activation_checkpointing
 from engine.parallel import Layout, apply_ulysses, init_distributed
@@ -169,11 +172,6 @@ def consolidated_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
 
 
-def export_checkpoint(checkpoint: Path, out: Path, dit_config: DiTConfig) -> None:
-    """Consolidate a ZeRO checkpoint of a DiT into fp32 safetensors that DiT.from_pretrained loads."""
-    save_dit_state(consolidated_state(checkpoint), dit_config, out)
-
-
 def dry_run(config: RunConfig, ds_template: dict, dataset=None) -> dict:
     """Check config, DeepSpeed config and data against the model (built on the meta device) and estimate memory.
 
@@ -266,6 +264,10 @@ class Trainer:
             config=self.ds_config, mpu=mpu,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)))
         self.step = 0
+        offloaded = self.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
+        # Beside the fp32 master weights: in host memory when the optimizer is offloaded, so no GPU memory is spent.
+        self.ema = model_ema(self.model, config.train.ema_decay, config.train.ema_start,
+                             torch.device("cpu") if offloaded else self.device)
         self._write_run_info()
         if point is not None:
             self._load(point)
@@ -307,13 +309,14 @@ class Trainer:
         """What the optimizer updates (parameters, or param-group dicts with their own `lr`)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def export(self, checkpoint: Path, out: Path) -> None:
-        """Write the consolidated, loadable model of a saved checkpoint (LoRA: merged, adapters in `lora/` beside)."""
+    def export(self, state: dict[str, torch.Tensor], out: Path) -> None:
+        """Write a consolidated state dict of the model as a loadable folder (LoRA: merged, the adapters beside in
+        `lora/` for `model/`, `lora_ema/` for `model_ema/`)."""
         if self.config.lora.rank:
-            save_lora_export(consolidated_state(checkpoint), self.model.config, self.config.lora, out,
-                             out.parent / "lora")
+            save_lora_export(state, self.model.config, self.config.lora, out,
+                             out.with_name(out.name.replace("model", "lora", 1)))
         else:
-            export_checkpoint(checkpoint, out, self.model.config)
+            save_dit_state(state, self.model.config, out)
 
     @property
     def is_main(self) -> bool:
@@ -368,6 +371,8 @@ class Trainer:
                 totals[key] = totals.get(key, 0) + value.detach().float()
                 counts[key] = counts.get(key, 0) + 1
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
         names = sorted(totals)
         values = torch.stack([totals[k] / counts[k] for k in names]).to(self.device)
         dist.all_reduce(values)
@@ -454,10 +459,15 @@ class Trainer:
         staging = path / "rank_state" / f".rank_{self.layout.rank:05d}.pt.tmp"
         torch.save(rng, staging)
         os.replace(staging, path / "rank_state" / f"rank_{self.layout.rank:05d}.pt")
+        if self.ema is not None:
+            self.ema.save(path / "ema", self.layout.rank)
         dist.barrier()
         if self.is_main:
             if self.config.train.export:
-                self.export(path, path / "model")
+                state = consolidated_state(path)
+                self.export(state, path / "model")
+                if self.ema is not None:  # frozen parameters (LoRA base, reward embeddings) are their own average
+                    self.export({**state, **consolidate(path / "ema")}, path / "model_ema")
             atomic_write_text(path / COMPLETE, f"{self.step}\n")
             for old in complete_checkpoints(checkpoints)[:-self.config.train.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -481,4 +491,6 @@ class Trainer:
             random.setstate(rng["python"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.ema is not None and not self.ema.load(point / "ema", self.layout.rank):
+            log(f"--resume {point}: the checkpoint has no EMA; it starts from the resumed weights")
         log(f"resumed from {point} at step {self.step}")

@@ -28,7 +28,7 @@ def main() -> int:
     parser.add_argument("--kill-during-save", type=int)
     fault, rest = parser.parse_known_args()
 
-    train_step, export = trainer_module.Trainer.train_step, trainer_module.export_checkpoint
+    train_step, consolidated_state = trainer_module.Trainer.train_step, trainer_module.consolidated_state
 
     def train_step_then_die(self, step_fn):
         metrics = train_step(self, step_fn)
@@ -36,14 +36,14 @@ def main() -> int:
             die()
         return metrics
 
-    def export_or_die(checkpoint, out, config):
+    def consolidate_or_die(checkpoint):  # the export's first read of the checkpoint DeepSpeed has just written
         if checkpoint.name == f"step_{fault.kill_during_save:06d}":
             die()
-        export(checkpoint, out, config)
+        return consolidated_state(checkpoint)
 
     trainer_module.Trainer.train_step = train_step_then_die
     if fault.kill_during_save is not None:
-        trainer_module.export_checkpoint = export_or_die
+        trainer_module.consolidated_state = consolidate_or_die
 
     spec = importlib.util.spec_from_file_location("sft_runner", ROOT / "runners" / "sft.py")
     runner = importlib.util.module_from_spec(spec)
