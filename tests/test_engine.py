@@ -70,6 +70,7 @@ def test_only_the_last_checkpoints_are_kept(runs):
     kept = sorted(p.name for p in (runs["one"] / "checkpoints").glob("step_*"))
     assert kept == ["step_000004", "step_000006"]  # train.keep_last defaults to 2
     assert all((runs["one"] / "checkpoints" / name / "COMPLETE").exists() for name in kept)
+    assert not list((runs["one"] / "checkpoints").glob("*/*ema*"))  # EMA off by default: no EMA state or export
 
 
 def test_sequence_parallel_training_matches_one_rank(runs):
