@@ -147,6 +147,8 @@ class RewardConfig:
 class PRFLConfig:
     """The PRFL reward step: where in the sampling chain the gradient step falls and what the reward loss is."""
 
+    mode: Literal["prfl", "rgb_refl"] = "prfl"  # prfl: the latent reward model scores x_{k+1}; rgb_refl: the
+    # pixel-space baseline PRFL is measured against (decode + pixel reward model, section rgb_refl)
     stage: Literal["all", "early", "middle", "late", "last_quarter"] = "all"  # where step k is drawn, uniformly:
     # the whole chain, one of its thirds (the paper's ablation), or its last quarter (RGB ReFL's nearly clean latents)
     objective: Literal["logit", "log_sigmoid", "hinge", "reference"] = "logit"
@@ -274,6 +276,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     prfl: PRFLConfig = field(default_factory=PRFLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rgb_refl: "RGBReFLConfig" = field(default_factory=lambda: RGBReFLConfig())  # defined below, with its step
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     seed: int = 0  # base seed; each data-parallel group derives its own, shared by its sequence-parallel ranks
     output_dir: str = "runs/default"  # checkpoints, logs, the resolved config

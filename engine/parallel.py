@@ -218,7 +218,8 @@ def apply_ulysses(model: DiT, group) -> DiT:
         rope = emb.rope._replace(cos=nn.functional.pad(emb.rope.cos, (0, 0, 0, 0, 0, pad)),
                                  sin=nn.functional.pad(emb.rope.sin, (0, 0, 0, 0, 0, pad)))
         lo, hi = rank * shard, (rank + 1) * shard
-        return emb._replace(tokens=tokens[:, lo:hi], rope=rope.slice(lo, hi))
+        # A copy, not a view: a checkpointed first block keeps its input, and a view would keep the whole sequence.
+        return emb._replace(tokens=tokens[:, lo:hi].clone(), rope=rope.slice(lo, hi))
 
     def gathered_unpatchify(out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         return unpatchify(_GatherSequence.apply(out, group)[:, :state.valid_len], grid)

@@ -235,7 +235,7 @@ class Trainer:
                  resume: str | None = None, dataset=None) -> None:
         self.config = config
         self.run_dir = Path(run_dir or config.output_dir)
-        self.layout, mpu = init_distributed(config.parallel.sp_size)
+        self.layout, self.mpu = init_distributed(config.parallel.sp_size)
         self.ds_config = resolve_ds_config(ds_config, config, self.layout)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
@@ -244,10 +244,7 @@ class Trainer:
         self.model = self.build_model()
         if config.lora.rank and not has_lora(self.transformer):
             raise ConfigError(f"lora.rank={config.lora.rank}: {type(self).__name__} does not train LoRA adapters")
-        if config.parallel.sp_size > 1:
-            apply_ulysses(self.transformer, mpu.get_sequence_parallel_group())
-        if config.memory.checkpointing:
-            apply_activation_checkpointing(self.transformer, offload=config.memory.offload)
+        self.distribute(self.transformer)
 
         self.dataset = dataset or self.build_dataset()
         self.order = sample_order(self.dataset, config.train.micro_batch_size, config.seed)
@@ -261,7 +258,7 @@ class Trainer:
 
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, model_parameters=self.parameter_groups(),
-            config=self.ds_config, mpu=mpu,
+            config=self.ds_config, mpu=self.mpu,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config)))
         self.step = 0
         offloaded = self.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
@@ -271,6 +268,15 @@ class Trainer:
         self._write_run_info()
         if point is not None:
             self._load(point)
+
+    def distribute(self, model: DiT) -> DiT:
+        """Run `model` (the trained DiT, or a frozen one beside it such as PRFL's reward trunk) like the run's
+        generator: sequence-parallel over the run's groups, its blocks checkpointed (block inputs offloaded)."""
+        if self.config.parallel.sp_size > 1:
+            apply_ulysses(model, self.mpu.get_sequence_parallel_group())
+        if self.config.memory.checkpointing:
+            apply_activation_checkpointing(model, offload=self.config.memory.offload)
+        return model
 
     def _check_bucket_size(self) -> None:
         zero = self.ds_config["zero_optimization"]

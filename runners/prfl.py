@@ -1,12 +1,13 @@
 """PRFL fine-tuning of a Wan2.1 DiT against a frozen latent reward model (PAVRM), with DeepSpeed.
 
-    deepspeed [--num_gpus N] runners/prfl.py --ds_config ds_configs/z3_offload.json [--config configs/tiny.yaml]
-              reward.path=REWARD_MODEL_FOLDER [--resume auto|CHECKPOINT] [--dry-run] [key=value ...]
+    deepspeed [--num_gpus N] runners/prfl.py --ds_config ds_configs/z3_offload.json [--config RECIPE]
+              [reward.path=REWARD_MODEL_FOLDER] [--resume auto|CHECKPOINT] [--dry-run] [key=value ...]
 
 Each optimizer step: per micro-batch, the generator's sampling chain (`sampling.*`) is rolled out from fresh
 noise to a random step k without gradients, step k is taken with gradients, the frozen reward model scores the
-result, and the flow-matching loss on the batch's latents is added (`prfl.*`). Checkpoints export the generator
-(`DiT.from_pretrained`).
+result, and the flow-matching loss on the batch's latents is added (`prfl.*`). Fixed prompts are sampled before
+training and every `train.eval_every` steps (`eval.*`). Checkpoints export the generator (`DiT.from_pretrained`).
+`prfl.mode=rgb_refl` trains the pixel-space RGB ReFL baseline instead (`rgb_refl.*`), with the same loop.
 """
 
 import json
@@ -21,28 +22,45 @@ from engine.sft import SFTStep
 from engine.trainer import Trainer, dry_run
 
 
+def load_reward_model(trainer: Trainer) -> RewardModel:
+    """The frozen PAVRM, run like the generator (sequence-parallel, blocks checkpointed): only the gradient with
+    respect to its input latent flows, so it holds no optimizer state and keeps no parameter gradient."""
+    model_config = trainer.config.model
+    reward = RewardModel.from_pretrained(trainer.config.reward.path, dtype=trainer.dtype,
+                                         attention_backend=model_config.attention_backend,
+                                         kernel_backend=model_config.kernel_backend)
+    reward.to(trainer.device).requires_grad_(False).eval()
+    trainer.distribute(reward.trunk)
+    return reward
+
+
 def main(argv=None) -> int:
     args, config, ds_config = parse_run(__doc__.strip().splitlines()[0], "configs/tiny.yaml", argv)
     try:
-        if config.reward.path is None:
+        if config.prfl.mode == "prfl" and config.reward.path is None:
             raise ConfigError("reward.path is not set: PRFL needs a trained reward model folder (train one with "
                               "runners/pavrm.py; its checkpoints/step_N/model)")
         if args.dry_run:
             print(json.dumps(dry_run(config, ds_config), indent=2))
             return 0
         trainer = Trainer(config, ds_config, resume=args.resume)
-        reward = RewardModel.from_pretrained(config.reward.path, dtype=trainer.dtype).to(trainer.device)
+        null_context = trainer.dataset.null_context.to(trainer.device)
+        # In rgb_refl mode a PAVRM, when given, only scores the evaluation videos.
+        reward = load_reward_model(trainer) if config.reward.path is not None else None
+        if config.prfl.mode == "rgb_refl":
+            from engine.refl_rgb import build_rgb_refl_step
+
+            reward_step = build_rgb_refl_step(config, config.rgb_refl, trainer.device, trainer.dtype, null_context)
+        else:
+            reward_step = PRFLStep(config.prfl, config.sampling, reward, null_context)
+        evaluation = None
+        if config.train.eval_every:
+            evaluation = SampleEvaluation(config, validation_prompts(config, trainer.transformer.config), reward,
+                                          trainer.run_dir, trainer.dataset.null_context)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    reward.requires_grad_(False).eval()  # frozen for real: no gradients, no optimizer state
-    null_context = trainer.dataset.null_context.to(trainer.device)
-    step = PRFLWithSFTStep(PRFLStep(config.prfl, config.sampling, reward, null_context),
-                           SFTStep(config.sft, null_context), config.prfl.sft_weight)
-    evaluation = None
-    if config.train.eval_every:
-        evaluation = SampleEvaluation(config, validation_prompts(config, trainer.transformer.config), reward,
-                                      trainer.run_dir, trainer.dataset.null_context)
+    step = PRFLWithSFTStep(reward_step, SFTStep(config.sft, null_context), config.prfl.sft_weight)
     trainer.fit(step, evaluate=evaluation)
     return 0
 
