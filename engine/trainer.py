@@ -432,6 +432,8 @@ class Trainer:
         return dict(zip(peaks, values.tolist()))
 
     def _log(self, metrics: dict[str, float], writer, bar) -> None:
+        if not metrics:  # an evaluation with nothing to score (no reward model, no judge) leaves no record
+            return
         for key, value in metrics.items():
             writer.add_scalar(key, value, self.step)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
