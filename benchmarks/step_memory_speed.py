@@ -11,7 +11,8 @@ z3_offload.json), bf16, block checkpointing; on OOM the case is retried once wit
 OOM is recorded with the settings tried. Weights and data are random (cost does not depend on values).
 
 - PRFL: `PRFLStep` (k uniform over the chain) with a frozen K=8-block PAVRM of the same model; its trunk is
-  block-checkpointed like the generator (runners/prfl.py does not checkpoint it yet; without it 720P does not fit).
+  block-checkpointed like the generator, by `Trainer.distribute` as runners/prfl.py does (without it 720P does not
+  fit).
 - RGB ReFL: `RGBReFLStep` (k in RGBReFLConfig's stage, the last quarter; one-step x0; Wan2.1 VAE decode with
   per-frame checkpointing; CLIP ViT-H/14 image reward on frame 1, or Qwen2-VL-2B video reward on all frames at
   2 fps), engine/refl_rgb.py.
@@ -85,7 +86,6 @@ def build_step(case: dict, config, trainer):
 
     from engine.config import RGBReFLConfig
     from engine.dit import DiT, DiTConfig
-    from engine.offload import apply_activation_checkpointing
     from engine.prfl import PRFLStep, PRFLWithSFTStep
     from engine.refl_rgb import TINY_CLIP, TINY_PIXELS, TINY_QWEN2_VL, TINY_VAE, build_rgb_refl_step
     from engine.reward import RewardModel, RewardModelConfig
@@ -98,7 +98,7 @@ def build_step(case: dict, config, trainer):
         with torch.device(device):
             trunk = DiT(DiTConfig.preset(config.model.preset, num_layers=blocks))
         reward = RewardModel(RewardModelConfig(blocks=blocks), trunk).to(device, dtype).requires_grad_(False).eval()
-        apply_activation_checkpointing(reward.trunk, offload=config.memory.offload)
+        trainer.distribute(reward.trunk)
         step = PRFLStep(config.prfl, config.sampling, reward, null_context)
     else:
         tiny = case["smoke"]
