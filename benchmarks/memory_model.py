@@ -69,8 +69,9 @@ from engine.sft import SFTStep  # noqa: E402
 
 GB = 2**30
 DEVICE = "cpu"  # fake tensors on the CPU stand for the GPU
-METHODS = {"prfl": "PRFL, reward trunk as runners/prfl.py builds it (full sequence on every rank, no checkpointing)",
-           "prfl_sp": "PRFL, reward trunk sequence-parallel and block-checkpointed like the generator",
+METHODS = {"prfl": "PRFL, reward trunk left whole for comparison (full sequence on every rank, no checkpointing)",
+           "prfl_sp": "PRFL, reward trunk sequence-parallel and block-checkpointed like the generator, as "
+                      "runners/prfl.py runs it (Trainer.distribute)",
            "rgb_first": "RGB ReFL, first frame (Wan VAE + CLIP ViT-H/14 image reward)",
            "rgb_all": "RGB ReFL, all frames (Wan VAE + Qwen2-VL-2B video reward)"}
 SMOKE = dict(preset="tiny", latent=(5, 8, 12), world=2, sp=2, text_tokens=16, reward_blocks=1, vae_config=TINY_VAE,
