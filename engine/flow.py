@@ -95,7 +95,9 @@ def guided_velocity(velocity: VelocityFn, x: torch.Tensor, t: torch.Tensor, cont
     return v_neg + guidance_scale * (v - v_neg)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: the velocity may be a ZeRO-3 engine (sampling during training), whose parameters
+# gathered here would become inference tensors that its next training step cannot use.
+@torch.no_grad()
 def sample(velocity: VelocityFn, noise: torch.Tensor, context: torch.Tensor, *, steps: int = 40,
            solver: Literal["euler", "unipc"] = "unipc", shift: float = 5.0, guidance_scale: float = 1.0,
            negative_context: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,8 +15,8 @@ from engine.prfl import stage_of
 from engine.reward import RewardModel, RewardModelConfig
 
 PRFL = "runners/prfl.py"
-COMMON = ["--ds_config", "ds_configs/z3_offload.json", "train.steps=3", "train.lr=1e-3", "train.log_every=1",
-          "sampling.steps=4", "prfl.sft_weight=0.5"]
+COMMON = ["--config", "configs/tiny.yaml", "--ds_config", "ds_configs/z3_offload.json", "train.steps=3",
+          "train.lr=1e-3", "train.log_every=1", "sampling.steps=4", "prfl.sft_weight=0.5"]
 
 
 def metrics(run: Path, evaluations: bool = False) -> list[dict]:
@@ -40,7 +40,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     args = [*COMMON, f"reward.path={base / 'reward'}"]
     launch(1, PRFL, *args, f"output_dir={base / 'one'}", "train.micro_batch_size=2", "train.eval_every=2",
            "eval.samples=3", "eval.batch_size=2")
-    launch(2, PRFL, *args, f"output_dir={base / 'two'}", "train.micro_batch_size=1")
+    # sampling before training must leave ZeRO-3's gathered parameters usable for training
+    launch(2, PRFL, *args, f"output_dir={base / 'two'}", "train.micro_batch_size=1", "train.eval_every=3",
+           "eval.samples=2")
     launch(2, PRFL, *args, f"output_dir={base / 'sp2'}", "train.micro_batch_size=2", "parallel.sp_size=2")
     assert digest(base / "reward") == before  # the reward model is read, never written
     return {"one": base / "one", "two": base / "two", "sp2": base / "sp2"}
