@@ -179,9 +179,10 @@ class EvalConfig:
     batch_size: int = 8  # videos sampled together
     vae: str | None = None  # a Wan2.1 VAE (diffusers folder or Wan2.1_VAE.pth): also write each video as mp4
     fps: float = 16.0  # frame rate of the mp4s
+    held_out_pairs: int = 64  # synthetic data: (prompt, seed) pairs of the before/after report (summary.json)
 
     def __post_init__(self) -> None:
-        for name in ("samples", "batch_size"):
+        for name in ("samples", "batch_size", "held_out_pairs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name}={getattr(self, name)}: expected at least 1")
 

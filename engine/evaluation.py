@@ -5,6 +5,9 @@ judge.
     evaluation = SampleEvaluation(run_config, validation_prompts(run_config, dit_config), reward_model, run_dir)
     trainer.fit(step, evaluate=evaluation)        # logs val/reward_mean, val/reward_std (+ val/pass_rate ...)
 
+    report = HeldOutReport(run_config, dit_config, reward_model, run_dir, null_context)   # synthetic data only
+    report.measure(trainer, "before"); trainer.fit(step); report.finish(trainer)          # -> <run>/summary.json
+
 Every rank samples the same videos through the training engine (ZeRO-3 gathers one layer's parameters at a time,
 never the whole model); rank 0 writes them to `<run>/samples/step_NNNNNN/`: NNNNN.safetensors (`latents`, prompt and
 seed in the metadata), NNNNN.mp4 when `eval.vae` names a Wan2.1 VAE, and index.jsonl with each video's reward.
@@ -13,6 +16,7 @@ seed in the metadata), NNNNN.mp4 when `eval.vae` names a Wan2.1 VAE, and index.j
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +36,12 @@ class ValidationPrompt:
     seed: int  # noise seed of the video
 
 
-def validation_prompts(config: RunConfig, model: DiTConfig) -> tuple[list[ValidationPrompt], tuple[int, int, int]]:
-    """The fixed prompts and seeds of a run's evaluation and their latent grid (f, h, w): held-out (prompt, seed)
-    pairs of the synthetic benchmark, the first samples of `data.val_list_file` (or of `data.list_file`), or random
-    prompts for `data.source: random`."""
-    count, seed = config.eval.samples, config.eval.seed
+def validation_prompts(config: RunConfig, model: DiTConfig, count: int | None = None
+                       ) -> tuple[list[ValidationPrompt], tuple[int, int, int]]:
+    """The fixed prompts and seeds of a run's evaluation (`count`, default `eval.samples`) and their latent grid
+    (f, h, w): held-out (prompt, seed) pairs of the synthetic benchmark, the first samples of `data.val_list_file`
+    (or of `data.list_file`), or random prompts for `data.source: random`."""
+    count, seed = count or config.eval.samples, config.eval.seed
     data = config.data
     if data.source == "synthetic":
         from engine.synthetic import SHAPE, encode_prompt, held_out_pairs
@@ -59,9 +64,11 @@ class SampleEvaluation:
     """The evaluation hook of `Trainer.fit` for generators; see the module docstring."""
 
     def __init__(self, config: RunConfig, prompts: tuple[list[ValidationPrompt], tuple[int, int, int]],
-                 reward_model: torch.nn.Module | None, run_dir: str | Path, null_context: torch.Tensor) -> None:
+                 reward_model: torch.nn.Module | None, run_dir: str | Path, null_context: torch.Tensor,
+                 folder: str = "samples") -> None:
         self.config, (self.prompts, self.shape) = config, prompts
-        self.reward_model, self.run_dir, self.null_context = reward_model, Path(run_dir), null_context
+        self.reward_model, self.null_context = reward_model, null_context
+        self.folder = Path(run_dir) / folder  # the videos of step N go to <folder>/step_N
         self.vae = None
         if config.eval.vae:
             from engine.encoders import VAE
@@ -104,7 +111,7 @@ class SampleEvaluation:
             summary = summarize([judge(video, prompt) for video, prompt in zip(latents, prompts)], prompts)
             metrics.update({f"val/{key}": value for key, value in summary.items() if key != "samples"})
         if trainer.is_main:
-            self.write(trainer.run_dir / "samples" / f"step_{trainer.step:06d}", latents, rewards)
+            self.write(self.folder / f"step_{trainer.step:06d}", latents, rewards)
         return metrics
 
     def write(self, folder: Path, latents: torch.Tensor, rewards: torch.Tensor | None) -> None:
@@ -123,3 +130,41 @@ class SampleEvaluation:
                 record["video"] = write_mp4(folder / f"{i:05d}.mp4", self.vae.decode(video), self.config.eval.fps).name
             index.append(record)
         atomic_write_text(folder / "index.jsonl", "".join(json.dumps(r) + "\n" for r in index))
+
+
+class HeldOutReport:
+    """Synthetic benchmark: what the run changed. The generator samples `eval.held_out_pairs` held-out (prompt,
+    seed) pairs through the engine (as SampleEvaluation does, videos in `<run>/held_out/step_N/`) before training
+    and after the last step; the mean reward (the PAVRM logit at t = 0), the judge's pass and detected rates and the
+    diversity (trajectory_spread_px) of both, and the diversity ratio after / before go to the console and to
+    `<run>/summary.json`."""
+
+    KEYS = ("reward_mean", "pass_rate", "detected_rate", "tracked_rate", "trajectory_spread_px")
+
+    def __init__(self, config: RunConfig, model: DiTConfig, reward_model: torch.nn.Module | None,
+                 run_dir: str | Path, null_context: torch.Tensor) -> None:
+        prompts = validation_prompts(config, model, config.eval.held_out_pairs)
+        self.evaluation = SampleEvaluation(config, prompts, reward_model, run_dir, null_context, folder="held_out")
+        self.path, self.results = Path(run_dir) / "summary.json", {}
+
+    def measure(self, trainer, when: str) -> None:
+        """Sample and judge the held-out pairs with the weights the engine holds now (every rank takes part)."""
+        metrics = {k.removeprefix("val/"): v for k, v in self.evaluation(trainer).items()}
+        # No spread when the judge finds no object: null in the JSON, which strict readers accept and NaN is not.
+        values = {k: None if math.isnan(metrics[k]) else metrics[k] for k in self.KEYS if k in metrics}
+        self.results[when] = {"step": trainer.step, "samples": len(self.evaluation.prompts), **values}
+        if trainer.is_main:
+            print(f"held-out {when} (step {trainer.step}, {len(self.evaluation.prompts)} pairs): "
+                  + " ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in values.items()), flush=True)
+
+    def finish(self, trainer) -> dict:
+        """Measure after training and write summary.json (rank 0); returns the summary."""
+        self.measure(trainer, "after")
+        before, after = (self.results[w]["trajectory_spread_px"] for w in ("before", "after"))
+        summary = {**self.results, "diversity_ratio": after / before if before and after is not None else None}
+        if trainer.is_main:
+            atomic_write_text(self.path, json.dumps(summary, indent=2) + "\n")
+            ratio = summary["diversity_ratio"]
+            print(f"diversity after / before: {'n/a' if ratio is None else f'{ratio:.3g}'}; summary in {self.path}",
+                  flush=True)
+        return summary
