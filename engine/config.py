@@ -264,6 +264,28 @@ class LoRAConfig:
 
 
 @dataclass
+class BootstrapConfig:
+    """The synthetic benchmark's own models: a PRFL run trains `model.path` (the base generator) and
+    `reward.path` (its PAVRM) with these recipes when the folders are missing (engine/bootstrap.py)."""
+
+    enabled: bool = False  # train whichever of model.path and reward.path is missing before the run
+    base_recipe: str = "configs/synthetic-base.yaml"  # runners/sft.py recipe of the base generator
+    reward_recipe: str = "configs/pavrm-synthetic.yaml"  # runners/pavrm.py recipe (its trunk: the base generator)
+    ds_config: str = "ds_configs/z2.json"  # both trainers run on one rank
+    overrides: list[str] = field(default_factory=list)  # key=value for both trainers, e.g. train.steps=2
+    base_minutes: float = 3.0  # rough duration of the base recipe (a busy 2-core CPU), printed before it starts
+    reward_minutes: float = 15.0  # the same for the PAVRM recipe (with its three validations)
+    wait_minutes: float = 120.0  # how long ranks other than 0 wait for rank 0 to finish the bootstrap
+
+    def __post_init__(self) -> None:
+        bad = [o for o in self.overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"bootstrap.overrides: {bad[0]!r} is not key=value, e.g. train.steps=2")
+        if self.wait_minutes <= 0:
+            raise ConfigError(f"bootstrap.wait_minutes={self.wait_minutes}: expected a positive number")
+
+
+@dataclass
 class RunConfig:
     """One training or generation run."""
 
@@ -279,6 +301,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     rgb_refl: "RGBReFLConfig" = field(default_factory=lambda: RGBReFLConfig())  # defined below, with its step
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     seed: int = 0  # base seed; each data-parallel group derives its own, shared by its sequence-parallel ranks
     output_dir: str = "runs/default"  # checkpoints, logs, the resolved config
 
@@ -286,6 +309,8 @@ class RunConfig:
         if self.lora.rank and self.lora.dropout and self.memory.checkpointing:
             raise ConfigError(f"lora.dropout={self.lora.dropout} needs memory.checkpointing=false: checkpointed "
                               "blocks are recomputed in backward without replaying the dropout mask")
+        if self.bootstrap.enabled and (self.model.path is None or self.reward.path is None):
+            raise ConfigError("bootstrap.enabled=true needs model.path and reward.path: the folders it trains")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""The synthetic motion benchmark: write its dataset, sample a generator on held-out pairs, judge a folder.
+"""The synthetic motion benchmark: write its dataset, sample a generator on held-out pairs, judge a folder, train
+its base generator and PAVRM.
 
     python runners/synthetic.py write --out data/synthetic --per-kind 48
     python runners/synthetic.py sample --model runs/synthetic-base/checkpoints/step_N/model --out samples/base
     python runners/synthetic.py judge samples/base
+    python runners/synthetic.py bootstrap --out assets/synthetic [train.steps=20 ...]   # base/ and pavrm/
 """
 
 import argparse
@@ -61,6 +63,17 @@ def judge_folder(args) -> None:
     print(json.dumps(summarize(verdicts, prompts), indent=2))
 
 
+def bootstrap(args) -> None:
+    from engine.bootstrap import BootstrapError, bootstrap as train_missing
+    from engine.config import BootstrapConfig, ConfigError
+
+    try:
+        train_missing(BootstrapConfig(overrides=args.overrides), args.out / "base", args.out / "pavrm", args.work)
+    except (BootstrapError, ConfigError) as e:
+        sys.exit(f"error: {e}")
+    print(f"{args.out / 'base'} and {args.out / 'pavrm'} are ready")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +95,12 @@ def main(argv=None) -> int:
     p = commands.add_parser("judge", help="judge a folder of latents; prints pass rate and diversity")
     p.add_argument("folder", type=Path)
     p.set_defaults(run=judge_folder)
+    p = commands.add_parser("bootstrap", help="train the base generator (configs/synthetic-base.yaml) and its PAVRM "
+                            "(configs/pavrm-synthetic.yaml) into OUT/base and OUT/pavrm, whichever is missing")
+    p.add_argument("--out", type=Path, default=Path("assets/synthetic"))
+    p.add_argument("--work", type=Path, default=Path("outputs/bootstrap"), help="the two training runs' folders")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both trainers")
+    p.set_defaults(run=bootstrap)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     args.run(args)
