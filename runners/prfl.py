@@ -3,19 +3,25 @@
     deepspeed [--num_gpus N] runners/prfl.py --ds_config ds_configs/z3_offload.json [--config RECIPE]
               [reward.path=REWARD_MODEL_FOLDER] [--resume auto|CHECKPOINT] [--dry-run] [key=value ...]
 
+Without --config it runs configs/prfl-synthetic.yaml: PRFL on the synthetic motion benchmark from a tiny base
+generator against its PAVRM (assets/synthetic/{base,pavrm}, trained first when missing: `bootstrap.*`).
+
 Each optimizer step: per micro-batch, the generator's sampling chain (`sampling.*`) is rolled out from fresh
 noise to a random step k without gradients, step k is taken with gradients, the frozen reward model scores the
 result, and the flow-matching loss on the batch's latents is added (`prfl.*`). Fixed prompts are sampled before
-training and every `train.eval_every` steps (`eval.*`). Checkpoints export the generator (`DiT.from_pretrained`).
+training and every `train.eval_every` steps (`eval.*`); on synthetic data, `eval.held_out_pairs` held-out pairs
+before training and after the last step give `<run>/summary.json`. Checkpoints export the generator.
 `prfl.mode=rgb_refl` trains the pixel-space RGB ReFL baseline instead (`rgb_refl.*`), with the same loop.
 """
 
 import json
 import sys
+from pathlib import Path
 
+from engine.bootstrap import BootstrapError, ensure_assets
 from engine.cli import parse_run
 from engine.config import ConfigError
-from engine.evaluation import SampleEvaluation, validation_prompts
+from engine.evaluation import HeldOutReport, SampleEvaluation, validation_prompts
 from engine.prfl import PRFLStep, PRFLWithSFTStep
 from engine.reward import RewardModel
 from engine.sft import SFTStep
@@ -35,14 +41,20 @@ def load_reward_model(trainer: Trainer) -> RewardModel:
 
 
 def main(argv=None) -> int:
-    args, config, ds_config = parse_run(__doc__.strip().splitlines()[0], "configs/tiny.yaml", argv)
+    args, config, ds_config = parse_run(__doc__.strip().splitlines()[0], "configs/prfl-synthetic.yaml", argv)
     try:
         if config.prfl.mode == "prfl" and config.reward.path is None:
             raise ConfigError("reward.path is not set: PRFL needs a trained reward model folder (train one with "
                               "runners/pavrm.py; its checkpoints/step_N/model)")
         if args.dry_run:
+            for path in (config.model.path, config.reward.path) if config.bootstrap.enabled else ():
+                if not Path(path).exists():
+                    raise ConfigError(f"{path} does not exist yet: a run trains it first (bootstrap.enabled), a dry "
+                                      "run does not; `python runners/synthetic.py bootstrap` writes it")
             print(json.dumps(dry_run(config, ds_config), indent=2))
             return 0
+        if config.bootstrap.enabled:
+            ensure_assets(config)
         trainer = Trainer(config, ds_config, resume=args.resume)
         null_context = trainer.dataset.null_context.to(trainer.device)
         # In rgb_refl mode a PAVRM, when given, only scores the evaluation videos.
@@ -57,11 +69,19 @@ def main(argv=None) -> int:
         if config.train.eval_every:
             evaluation = SampleEvaluation(config, validation_prompts(config, trainer.transformer.config), reward,
                                           trainer.run_dir, trainer.dataset.null_context)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+        report = None
+        if config.data.source == "synthetic":
+            report = HeldOutReport(config, trainer.transformer.config, reward, trainer.run_dir,
+                                   trainer.dataset.null_context)
+    except (ConfigError, ValueError, FileNotFoundError, BootstrapError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     step = PRFLWithSFTStep(reward_step, SFTStep(config.sft, null_context), config.prfl.sft_weight)
+    if report is not None:
+        report.measure(trainer, "before")
     trainer.fit(step, evaluate=evaluation)
+    if report is not None:
+        report.finish(trainer)
     return 0
 
 
