@@ -281,15 +281,13 @@ def trace_case(args, method: str, group) -> dict:
 def model_states(dit: nn.Module, ds_config: dict, world: int) -> dict:
     """The generator's ZeRO-3 model states on one rank, by DeepSpeed's own estimate, and the gathered-parameter
     bound."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from engine.trainer import zero3_model_states
 
     zero = ds_config["zero_optimization"]
     total = sum(p.numel() for p in dit.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in dit.modules())
     offload_optimizer = zero.get("offload_optimizer", {}).get("device") == "cpu"
     offload_params = zero.get("offload_param", {}).get("device") == "cpu"
-    _, gpu, largest_layer = estimate_zero3_model_states_mem_needs(
-        total, largest, num_gpus_per_node=world, cpu_offload=offload_optimizer, cpu_offload_params=offload_params)
+    _, gpu, largest_layer = zero3_model_states(dit, zero, gpus_per_node=world)
     parameters = 0 if offload_params else 2 * total / world
     optimizer = 0 if offload_optimizer else 16 * total / world  # fp32 master, Adam m and v, fp32 gradient partition
     # Gathered full parameters: at most stage3_max_live_parameters bf16 values, at least DeepSpeed's largest layer.

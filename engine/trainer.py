@@ -172,12 +172,24 @@ def consolidated_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
 
 
+def zero3_model_states(model: torch.nn.Module, zero: dict, gpus_per_node: int, num_nodes: int = 1):
+    """DeepSpeed's own estimate of a model's ZeRO-3 states, offload as the `zero_optimization` section says:
+    (host bytes, device bytes per GPU, largest layer's parameter count)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return estimate_zero3_model_states_mem_needs(
+        total, largest, num_gpus_per_node=gpus_per_node, num_nodes=num_nodes,
+        cpu_offload=zero.get("offload_optimizer", {}).get("device") == "cpu",
+        cpu_offload_params=zero.get("offload_param", {}).get("device") == "cpu")
+
+
 def dry_run(config: RunConfig, ds_template: dict, dataset=None) -> dict:
     """Check config, DeepSpeed config and data against the model (built on the meta device) and estimate memory.
 
     Nothing is trained and no engine is built; the world size comes from the launcher's environment.
     """
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = Layout(int(os.environ.get("RANK", 0)), world, config.parallel.sp_size)
@@ -203,13 +215,9 @@ def dry_run(config: RunConfig, ds_template: dict, dataset=None) -> dict:
 
     zero = ds["zero_optimization"]
     total = sum(p.numel() for p in model.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    offload_opt = zero.get("offload_optimizer", {}).get("device") == "cpu"
-    offload_par = zero.get("offload_param", {}).get("device") == "cpu"
-    host_states, gpu_states, _ = estimate_zero3_model_states_mem_needs(
-        total, largest, num_gpus_per_node=min(world, max(1, torch.cuda.device_count())),
-        num_nodes=max(1, world // max(1, torch.cuda.device_count())), cpu_offload=offload_opt,
-        cpu_offload_params=offload_par)
+    host_states, gpu_states, _ = zero3_model_states(
+        model, zero, gpus_per_node=min(world, max(1, torch.cuda.device_count())),
+        num_nodes=max(1, world // max(1, torch.cuda.device_count())))
     # fp32 residual stream kept at each block boundary (checkpointing) for one micro-batch.
     boundary = 4 * config.train.micro_batch_size * math.ceil(tokens / layout.sp_size) * dit_config.dim
     activations = boundary * dit_config.num_layers if config.memory.checkpointing else None
