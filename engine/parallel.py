@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -83,7 +84,7 @@ def init_distributed(sp_size: int = 1):
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     # A process that exits with its groups alive can die in a thread destructor (gloo: "terminate called without
     # an active exception") or hang there, after its work is done; tear them down first.
-    atexit.register(_destroy_process_groups)
+    atexit.register(_destroy_process_groups, dist.get_rank())
     layout = Layout(dist.get_rank(), dist.get_world_size(), sp_size)
     if sp_size == 1:
         return layout, None
@@ -91,9 +92,14 @@ def init_distributed(sp_size: int = 1):
     return layout, parallel_state_sp
 
 
-def _destroy_process_groups() -> None:
+def _destroy_process_groups(rank: int) -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    # DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm buffer per rank and never unlinks it: every run would leave
+    # them behind until /dev/shm (RAM) is full. The other ranks' mappings outlive the unlink.
+    buffer = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                                 f"{os.environ.get('MASTER_PORT')}_{rank}")
+    buffer.unlink(missing_ok=True)
 
 
 class _GatherSequence(torch.autograd.Function):

@@ -100,7 +100,8 @@ def launch(ranks: int, script: str, *args: str, check: bool = True, timeout: int
            ) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N script args` from the repository root (CPU ranks on a machine without GPUs)."""
     build_deepspeed_ops()
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
     # Its own session, so that a timeout kills the launcher's rank processes too, not only the launcher.
     with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as process:
@@ -112,6 +113,13 @@ def launch(ranks: int, script: str, *args: str, check: bool = True, timeout: int
             raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s; its last output:\n"
                                  f"{stdout[-3000:]}\n{stderr[-3000:]}") from None
     done = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+    # Ranks that exit normally unlink DeepSpeed's shared-memory all-reduce buffers; killed ones cannot, so clear
+    # those here, or the suite fills /dev/shm.
+    leftovers = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    for buffer in leftovers:
+        buffer.unlink(missing_ok=True)
+    if done.returncode == 0:
+        assert not leftovers, f"{' '.join(cmd)} left shared-memory buffers behind: {leftovers}"
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
