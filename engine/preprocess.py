@@ -378,6 +378,9 @@ def run(config: PreprocessConfig, progress: bool = True) -> int:
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, reports)
+            # Rank 1+ leave right after this; tearing the group down while rank 0 still receives aborted them
+            # ("terminate called without an active exception").
+            dist.barrier()
             reports = [report for part in gathered for report in part]
         if rank != 0:
             return 0
