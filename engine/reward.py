@@ -48,6 +48,10 @@ class RewardModelConfig:
     num_heads: int = 8  # heads of the pooling attention
     dropout: float = 0.0  # on the pooling attention weights
     query_residual: bool = True  # add the raw query to the pooled vector (the reference's `return_type: query`)
+    # Multiplier on the pooling's attention logits (the reference: 1). They grow with the trunk's feature
+    # magnitude; where those are small (a tiny trunk: std ~0.3), the softmax starts uniform, i.e. as mean pooling,
+    # which cannot single out one small object, and training stalls at the majority class. ~20 fixes that there.
+    attention_scale: float = 1.0
     mlp_dims: tuple[int, int] = (1024, 512)  # hidden widths of the 3-layer MLP head
 
     def __post_init__(self) -> None:
@@ -58,9 +62,10 @@ class RewardModelConfig:
         if any(not 1 <= b <= self.blocks for b in self.feature_blocks) or max(self.feature_blocks) != self.blocks:
             raise ValueError(f"reward model feature_blocks={self.feature_blocks}: expected 1-based block indices "
                              f"whose largest is blocks={self.blocks} (blocks after the deepest feature are wasted)")
-        if self.num_queries < 1 or self.num_heads < 1 or not 0.0 <= self.dropout < 1.0:
+        if self.num_queries < 1 or self.num_heads < 1 or not 0.0 <= self.dropout < 1.0 or self.attention_scale <= 0:
             raise ValueError(f"reward model num_queries={self.num_queries}, num_heads={self.num_heads}, "
-                             f"dropout={self.dropout}: expected >= 1, >= 1 and a probability in [0, 1)")
+                             f"dropout={self.dropout}, attention_scale={self.attention_scale}: expected >= 1, >= 1, "
+                             f"a probability in [0, 1) and > 0")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,11 +75,13 @@ class RewardModelConfig:
 class QueryAttentionPool(nn.Module):
     """Learned queries attend over the video tokens: `nn.MultiheadAttention`'s parameters and arithmetic."""
 
-    def __init__(self, dim: int, num_queries: int, num_heads: int, dropout: float, query_residual: bool) -> None:
+    def __init__(self, dim: int, num_queries: int, num_heads: int, dropout: float, query_residual: bool,
+                 attention_scale: float = 1.0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"reward model num_heads={num_heads} must divide the model dim {dim}")
         self.num_heads, self.dropout, self.query_residual = num_heads, dropout, query_residual
+        self.attention_scale = attention_scale
         self.queries = nn.Parameter(torch.empty(num_queries, dim))
         self.multihead_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         nn.init.xavier_uniform_(self.queries)
@@ -93,7 +100,7 @@ class QueryAttentionPool(nn.Module):
         q = split(F.linear(self.queries.to(dtype).expand(batch, -1, -1), w_q, b_q))
         k = split(F.linear(tokens.to(dtype), w_k, b_k))
         v = split(F.linear(tokens.to(dtype), w_v, b_v))
-        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # [B, N, Q, S]
+        scores = q @ k.transpose(-1, -2) * (self.attention_scale * q.shape[-1] ** -0.5)  # [B, N, Q, S]
         if shards is not None:
             scores = scores.masked_fill(~shards.valid_mask(tokens.shape[1], tokens.device), float("-inf"))
         # A shared shift keeps exp() in range; softmax does not depend on it, so it needs no gradient.
@@ -138,7 +145,8 @@ class RewardModel(nn.Module):
             raise ValueError(f"the trunk has {len(trunk.blocks)} blocks; the reward model config says {config.blocks}")
         self.config, self.trunk = config, trunk
         dim = trunk.config.dim
-        self.pool = QueryAttentionPool(dim, config.num_queries, config.num_heads, config.dropout, config.query_residual)
+        self.pool = QueryAttentionPool(dim, config.num_queries, config.num_heads, config.dropout, config.query_residual,
+                                       config.attention_scale)
         self.mlp = RewardMLP(dim, config.mlp_dims)
         self.pool.to(trunk.patch_embedding.weight.dtype)
         self.mlp.to(trunk.patch_embedding.weight.dtype)

@@ -115,3 +115,12 @@ def test_memory_model_traces_the_steps_in_smoke_mode(tmp_path):
     for row in rows:  # offload parks the checkpointed block inputs on the host, and only then
         assert (row["host_activations_gb"] > 0) == row["activation_offload"]
     assert json_file.with_suffix(".md").exists()
+
+
+def test_pavrm_probe_trains_the_head_on_cached_features_in_smoke_mode(tmp_path):
+    run_script("benchmarks/pavrm_probe.py", "--smoke", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "pavrm_probe-random-sigma0.json").read_text())
+    assert [(r["trunk"], r["task"]) for r in report["rows"]] == [
+        (patch, task) for patch in ("1,2,2", "2,2,2")
+        for task in ("smooth vs static", "smooth vs jitter", "smooth vs vanish", "all four")]
+    assert (tmp_path / "pavrm_probe-random-sigma0.md").read_text().count("| 2,2,2 |") == 4

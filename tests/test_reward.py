@@ -1,6 +1,7 @@
 """The PAVRM: trunk from a generator, query-attention pooling, gradients, checkpoints, reference head files,
 timestep sampling, losses, validation metrics and bad data."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -32,16 +33,22 @@ def inputs(model: RewardModel, batch: int = 2) -> dict:
     return {"x": x["x"], "t": x["t"], "context": x["context"]}
 
 
-@pytest.mark.parametrize("num_queries,residual", [(1, True), (3, False)])
-def test_pooling_is_multihead_attention_over_the_tokens(num_queries, residual):
-    model = reward_model(num_queries=num_queries, query_residual=residual)
+@pytest.mark.parametrize("num_queries,residual,scale", [(1, True, 1.0), (3, False, 1.0), (2, True, 20.0)])
+def test_pooling_is_multihead_attention_over_the_tokens(num_queries, residual, scale):
+    """attention_scale s multiplies the attention logits: the same as nn.MultiheadAttention with W_q, b_q times s."""
+    model = reward_model(num_queries=num_queries, query_residual=residual, attention_scale=scale)
     pool = model.pool
     with torch.no_grad():
         pool.multihead_attn.in_proj_bias.normal_()
         pool.multihead_attn.out_proj.bias.normal_()
-    tokens = torch.randn(2, 37, model.trunk.config.dim)
+    reference = copy.deepcopy(pool.multihead_attn)
+    dim = model.trunk.config.dim
+    with torch.no_grad():
+        reference.in_proj_weight[:dim] *= scale
+        reference.in_proj_bias[:dim] *= scale
+    tokens = torch.randn(2, 37, dim)
     queries = pool.queries.expand(2, -1, -1)
-    expected, _ = pool.multihead_attn(queries, tokens, tokens, need_weights=False)
+    expected, _ = reference(queries, tokens, tokens, need_weights=False)
     expected = expected + queries if residual else expected
     torch.testing.assert_close(pool(tokens), expected, rtol=1e-5, atol=1e-6)
 
