@@ -8,7 +8,8 @@ For each task (smooth against one bad kind, and all four kinds with `motion_qual
 `attention_scale`, only the head trains (engine.reward's query-attention pooling and MLP), on trunk features that
 are computed once: a case takes about a minute on 2 cores, so the benchmark's and the head's design can be checked
 before a full `runners/pavrm.py` run. The trunk is frozen, so a task the probe cannot learn needs the trunk to learn
-it, or the benchmark to show it differently. Writes benchmarks/results/pavrm_probe-<device>.json and .md.
+it, or the benchmark to show it differently. Each sample keeps one noise draw for all epochs (the head can overfit
+it at high sigma). Writes benchmarks/results/pavrm_probe-<random|generator>-sigma<sigma>-cpu.json and .md.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ TASKS = {"smooth vs static": ("smooth", "static"), "smooth vs jitter": ("smooth"
 
 @torch.no_grad()
 def trunk_features(trunk: DiT, dataset: SyntheticMotion, sigma: float, blocks: int, batch_size: int = 64):
-    """Features [N, S, D] of the last trunk block for noisy latents at `sigma` (fixed noise), and labels [N]."""
+    """Features [N, S, D] of the last trunk block for noisy latents at `sigma`, and labels [N]. The noise is drawn
+    once per sample from the dataset's seed, so training and validation never share a noise draw."""
     features, labels = [], []
-    noise = torch.Generator().manual_seed(0)
+    noise = torch.Generator().manual_seed(dataset.seed)
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
         x = (1 - sigma) * batch["latents"] + sigma * torch.randn(batch["latents"].shape, generator=noise)
@@ -116,15 +118,15 @@ def main() -> int:
               "blocks": args.blocks, "generator": args.generator, "train_samples": args.train_samples,
               "epochs": args.epochs, "rows": rows}
     results_dir = args.out or (Path(tempfile.mkdtemp()) if args.smoke else ROOT / "benchmarks/results")
-    stem = results_dir / f"pavrm_probe-{'generator' if args.generator else 'random'}-sigma{args.sigma:g}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem = results_dir / f"pavrm_probe-{'generator' if args.generator else 'random'}-sigma{args.sigma:g}-cpu"
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=2))
     lines = [f"# PAVRM head probe ({'generator ' + args.generator if args.generator else 'random tiny trunks'}, "
              f"sigma {args.sigma:g}, {args.blocks} frozen blocks, {device}, {report['threads']} threads)", "",
              "| trunk | task | attention_scale | train acc | val acc | val majority | val logit std |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['trunk']} | {r['task']} | {r['attention_scale']:g} | {r['train_accuracy']:.3f} | "
               f"{r['val_accuracy']:.3f} | {r['val_majority']:.3f} | {r['val_logit_std']:.3f} |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and .md")
     return 0
 

@@ -119,8 +119,8 @@ def test_memory_model_traces_the_steps_in_smoke_mode(tmp_path):
 
 def test_pavrm_probe_trains_the_head_on_cached_features_in_smoke_mode(tmp_path):
     run_script("benchmarks/pavrm_probe.py", "--smoke", "--out", str(tmp_path))
-    report = json.loads((tmp_path / "pavrm_probe-random-sigma0.json").read_text())
+    report = json.loads((tmp_path / "pavrm_probe-random-sigma0-cpu.json").read_text())
     assert [(r["trunk"], r["task"]) for r in report["rows"]] == [
         (patch, task) for patch in ("1,2,2", "2,2,2")
         for task in ("smooth vs static", "smooth vs jitter", "smooth vs vanish", "all four")]
-    assert (tmp_path / "pavrm_probe-random-sigma0.md").read_text().count("| 2,2,2 |") == 4
+    assert (tmp_path / "pavrm_probe-random-sigma0-cpu.md").read_text().count("| 2,2,2 |") == 4
