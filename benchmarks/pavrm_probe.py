@@ -1,7 +1,7 @@
 """Can the PAVRM head find motion in a trunk's features? A fast probe on the synthetic motion benchmark.
 
     python benchmarks/pavrm_probe.py                     # random tiny trunks: patch (1,2,2) / (2,2,2) x scale 1 / 20
-    python benchmarks/pavrm_probe.py --generator outputs/synthetic-base/export --sigma 0.3
+    python benchmarks/pavrm_probe.py --generator assets/synthetic/base --sigma 0.3
     python benchmarks/pavrm_probe.py --smoke             # tiny sizes: checks the script, numbers mean nothing
 
 For each task (smooth against one bad kind, and all four kinds with `motion_quality`), trunk patch size and
