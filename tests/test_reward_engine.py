@@ -13,9 +13,11 @@ from engine.reward import RewardModel
 from engine.reward_training import INTERVALS, interval_name
 
 PAVRM = "runners/pavrm.py"
-# A few ZeRO-3 steps on the synthetic benchmark, global batch 4, validated on 8 held-out samples at the end.
+# A few ZeRO-3 steps on the synthetic benchmark, global batch 4, validated on 8 held-out samples at the end. The
+# pooling at attention_scale 1: the recipe's sharper softmax also sharpens summation-order noise (below).
 COMMON = ["--ds_config", "ds_configs/z3_offload.json", "train.steps=3", "train.lr=1e-3", "reward.head_lr=1e-3",
-          "train.log_every=1", "train.eval_every=3", "data.val_num_samples=64", "data.num_samples=200", "reward.model.mlp_dims=[32,16]"]
+          "train.log_every=1", "train.eval_every=3", "data.val_num_samples=64", "data.num_samples=200",
+          "reward.model.mlp_dims=[32,16]", "reward.model.attention_scale=1"]
 
 
 def losses(run: Path) -> list[float]:
