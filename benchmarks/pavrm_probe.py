@@ -57,18 +57,14 @@ def probe(trunk: DiT, head: RewardModelConfig, train, val, epochs: int, seed: in
     params = [*model.pool.parameters(), *model.mlp.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     (x_train, y_train), (x_val, y_val) = train, val
-
-    def logits(x):
-        return model.mlp(model.pool(x).mean(dim=1))
-
     for _ in range(epochs):
         for index in torch.randperm(len(x_train)).split(16):
-            loss = F.binary_cross_entropy_with_logits(logits(x_train[index]), y_train[index])
+            loss = F.binary_cross_entropy_with_logits(model.head(x_train[index]), y_train[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        train_logits, val_logits = logits(x_train), logits(x_val)
+        train_logits, val_logits = model.head(x_train), model.head(x_val)
     return {"train_accuracy": ((train_logits > 0) == (y_train > 0.5)).float().mean().item(),
             "val_accuracy": ((val_logits > 0) == (y_val > 0.5)).float().mean().item(),
             "val_majority": max(y_val.mean().item(), 1 - y_val.mean().item()),

@@ -195,13 +195,17 @@ class RewardModel(nn.Module):
         return ([p for p in self.trunk.blocks.parameters() if p.requires_grad],
                 [*self.pool.parameters(), *self.mlp.parameters()])
 
+    def head(self, tokens: torch.Tensor, shards=None) -> torch.Tensor:
+        """Logits [B] from trunk features [B, S, D]: pooling, the queries' mean, MLP."""
+        return self.mlp(self.pool(tokens, shards).mean(dim=1))
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B] (fp32) for noisy latents x [B, C, F, H, W] at timesteps t [B] in [0, 1000]."""
         features = self.trunk(x, t, context, clip_fea=clip_fea, y=y, return_features=self.config.feature_blocks)
         tokens = torch.stack(features).mean(dim=0) if len(features) > 1 else features[0]
         shards = self.trunk.sequence_shards
-        logits = self.mlp(self.pool(tokens, shards).mean(dim=1))
+        logits = self.head(tokens, shards)
         # Under sequence parallelism the head runs on identical inputs on every rank of the group; its share of
         # the gradient is scaled so that the group's sum (what DeepSpeed reduces) is the true gradient.
         return shards.replicated(logits) if shards is not None else logits

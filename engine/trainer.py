@@ -190,7 +190,6 @@ def dry_run(config: RunConfig, ds_template: dict, dataset=None) -> dict:
 
     Nothing is trained and no engine is built; the world size comes from the launcher's environment.
     """
-
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = Layout(int(os.environ.get("RANK", 0)), world, config.parallel.sp_size)
     ds = resolve_ds_config(ds_template, config, layout)
