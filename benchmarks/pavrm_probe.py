@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from engine.data import collate
 from engine.dit import DiT, DiTConfig
+from engine.flow import add_noise, timestep_from_sigma
 from engine.reward import RewardModel, RewardModelConfig
 from engine.synthetic import MOTIONS, SyntheticMotion
 
@@ -42,9 +43,9 @@ def trunk_features(trunk: DiT, dataset: SyntheticMotion, sigma: float, blocks: i
     noise = torch.Generator().manual_seed(dataset.seed)
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
-        x = (1 - sigma) * batch["latents"] + sigma * torch.randn(batch["latents"].shape, generator=noise)
-        t = torch.full((len(x),), 1000.0 * sigma)
-        features.append(trunk(x, t, batch["context"], return_features=[blocks])[0])
+        sigmas = torch.full((len(batch["latents"]),), sigma)
+        x = add_noise(batch["latents"], torch.randn(batch["latents"].shape, generator=noise), sigmas)
+        features.append(trunk(x, timestep_from_sigma(sigmas), batch["context"], return_features=[blocks])[0])
         labels.append(batch["motion_quality"])
     return torch.cat(features), torch.cat(labels)
 
