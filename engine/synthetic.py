@@ -35,6 +35,7 @@ CHANNELS = 16
 SHAPE = (6, 16, 16)  # latent (frames, height, width)
 TEXT_DIM = 32  # width of the toy text embedding
 BLOB_SIGMA = 1.2  # object radius in latent pixels
+AMPLITUDE = 2.0  # object peak along its colour signature
 SPEED = (1.2, 1.8)  # smooth motion, latent pixels per frame
 NOISE = 0.05
 
@@ -151,7 +152,7 @@ def render(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SH
     signature = colour_signature(p.colour).view(-1, 1, 1)
     for f, centres in enumerate(trajectory(prompt, motion, seed, shape)):
         for cy, cx in centres:
-            video[:, f] += 2.0 * signature * _blob(height, width, cy, cx)
+            video[:, f] += AMPLITUDE * signature * _blob(height, width, cy, cx)
     noise = torch.randn(video.shape, generator=_seeded("noise", prompt, motion, seed))
     return video + NOISE * noise
 
@@ -209,7 +210,7 @@ class Verdict:
         return asdict(self)
 
 
-DETECT_THRESHOLD = 0.7  # colour-projection peak that counts as an object (the rendered peak is 2.0)
+DETECT_THRESHOLD = 0.35 * AMPLITUDE  # colour-projection peak that counts as an object
 MIN_DISPLACEMENT = 3.0
 MIN_COSINE = 0.8
 MAX_ACCELERATION = 1.5
