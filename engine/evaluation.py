@@ -135,11 +135,12 @@ class SampleEvaluation:
 class HeldOutReport:
     """Synthetic benchmark: what the run changed. The generator samples `eval.held_out_pairs` held-out (prompt,
     seed) pairs through the engine (as SampleEvaluation does, videos in `<run>/held_out/step_N/`) before training
-    and after the last step; the mean reward (the PAVRM logit at t = 0), the judge's pass and detected rates and the
-    diversity (trajectory_spread_px) of both, and the diversity ratio after / before go to the console and to
-    `<run>/summary.json`."""
+    and after the last step; the mean reward (the PAVRM logit at t = 0), the judge's pass and detected rates, the
+    diversity (trajectory_spread_px) and the median direction cosine and largest acceleration of both, and the
+    diversity ratio after / before go to the console and to `<run>/summary.json`."""
 
-    KEYS = ("reward_mean", "pass_rate", "detected_rate", "tracked_rate", "trajectory_spread_px")
+    KEYS = ("reward_mean", "pass_rate", "detected_rate", "tracked_rate", "trajectory_spread_px",
+            "median_direction_cosine", "median_max_acceleration_px")
 
     def __init__(self, config: RunConfig, model: DiTConfig, reward_model: torch.nn.Module | None,
                  run_dir: str | Path, null_context: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
@@ -295,11 +296,15 @@ def generate(model, pairs: list[tuple[str, int]], steps: int = 20, solver: str =
 
 
 def summarize(verdicts: list[Verdict], prompts: list[str]) -> dict:
-    """Pass rate, detection rates and diversity (mean spread of start positions across seeds of one prompt).
+    """Pass rate, detection rates, diversity (mean spread of start positions across seeds of one prompt) and the
+    medians of the judge's track measurements.
 
     detected_rate counts the samples where the judge finds the prompt's object, i.e. one object of its colour in
     most frames; tracked_rate those where it finds it in every frame. A vanish sample loses its object in 1-2
     frames by design, so a generator that learned the even mix of motions scores about 1.0 and 0.75 on them.
+    The medians, over tracked samples, say why samples fail: a direction cosine near 0 means the prompt's
+    direction is not followed; a largest acceleration far above the rendered data's means the object is placed
+    anew in every frame instead of moving.
     """
     spreads = []
     for prompt in sorted(set(prompts)):
@@ -310,4 +315,13 @@ def summarize(verdicts: list[Verdict], prompts: list[str]) -> dict:
     return {"samples": len(verdicts), "pass_rate": sum(v.passed for v in verdicts) / len(verdicts),
             "detected_rate": sum(2 * v.detected_frames > len(v.positions) for v in verdicts) / len(verdicts),
             "tracked_rate": sum(v.detected_frames == len(v.positions) for v in verdicts) / len(verdicts),
-            "trajectory_spread_px": sum(spreads) / len(spreads) if spreads else math.nan}
+            "trajectory_spread_px": sum(spreads) / len(spreads) if spreads else math.nan,
+            **{f"median_{name}": _median([getattr(v, field) for v in verdicts])
+               for name, field in (("direction_cosine", "direction_cosine"), ("displacement_px", "displacement"),
+                                   ("max_jump_px", "max_jump"), ("max_acceleration_px", "max_acceleration"))}}
+
+
+def _median(values: list[float]) -> float:
+    """Median of the measured values; nan where the judge measured none (no sample tracked in every frame)."""
+    measured = [v for v in values if not math.isnan(v)]
+    return statistics.median(measured) if measured else math.nan

@@ -1,6 +1,7 @@
 """The synthetic motion benchmark: renderer, judge, toy text encoder, on-disk dataset."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from engine.data import LatentListDataset
-from engine.synthetic import (MOTIONS, PROMPTS, SHAPE, VOCABULARY, SyntheticMotion, encode_prompt, judge, labels,
-                              render, summarize)
+from engine.synthetic import (MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, MOTIONS, PROMPTS, SHAPE, VOCABULARY,
+                              SyntheticMotion, encode_prompt, judge, labels, render, summarize)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,20 @@ def test_the_even_mix_is_detected_everywhere_and_passes_a_quarter():
     pairs = [(PROMPTS[s % len(PROMPTS)], motion, s) for motion in MOTIONS for s in range(12)]
     report = summarize([judge(render(*pair), pair[0]) for pair in pairs], [prompt for prompt, _, _ in pairs])
     assert report["detected_rate"] == 1.0 and report["tracked_rate"] == 0.75 and report["pass_rate"] == 0.25
+
+
+def test_summary_medians_tell_moving_from_placed_anew():
+    def report(motion):
+        pairs = [(PROMPTS[s % len(PROMPTS)], s) for s in range(24)]
+        return summarize([judge(render(prompt, motion, seed), prompt) for prompt, seed in pairs],
+                         [prompt for prompt, _ in pairs])
+
+    smooth, jitter, static, vanish = (report(m) for m in MOTIONS)
+    assert smooth["median_direction_cosine"] > 0.99 and smooth["median_max_acceleration_px"] < 0.3
+    assert smooth["median_displacement_px"] >= MIN_DISPLACEMENT
+    assert jitter["median_max_acceleration_px"] > MAX_ACCELERATION and jitter["median_max_jump_px"] > MAX_JUMP
+    assert static["median_displacement_px"] < 0.5
+    assert math.isnan(vanish["median_direction_cosine"])  # never tracked in every frame: nothing to measure
 
 
 def test_rendering_and_judging_are_deterministic():
