@@ -295,6 +295,11 @@ def generate(model, pairs: list[tuple[str, int]], steps: int = 20, solver: str =
     return torch.cat(outputs)
 
 
+# summary key -> the Verdict measurement it is the median of
+TRACK_MEDIANS = {"median_direction_cosine": "direction_cosine", "median_displacement_px": "displacement",
+                 "median_max_jump_px": "max_jump", "median_max_acceleration_px": "max_acceleration"}
+
+
 def summarize(verdicts: list[Verdict], prompts: list[str]) -> dict:
     """Pass rate, detection rates, diversity (mean spread of start positions across seeds of one prompt) and the
     medians of the judge's track measurements.
@@ -316,9 +321,7 @@ def summarize(verdicts: list[Verdict], prompts: list[str]) -> dict:
             "detected_rate": sum(2 * v.detected_frames > len(v.positions) for v in verdicts) / len(verdicts),
             "tracked_rate": sum(v.detected_frames == len(v.positions) for v in verdicts) / len(verdicts),
             "trajectory_spread_px": sum(spreads) / len(spreads) if spreads else math.nan,
-            **{f"median_{name}": _median([getattr(v, field) for v in verdicts])
-               for name, field in (("direction_cosine", "direction_cosine"), ("displacement_px", "displacement"),
-                                   ("max_jump_px", "max_jump"), ("max_acceleration_px", "max_acceleration"))}}
+            **{key: _median([getattr(v, field) for v in verdicts]) for key, field in TRACK_MEDIANS.items()}}
 
 
 def _median(values: list[float]) -> float:
