@@ -31,7 +31,7 @@ def test_judge_measures_the_rendered_trajectory():
     prompt = "a blue ball moving right in the city"
     verdict = judge(render(prompt, "smooth", 3), prompt)
     assert verdict.passed and verdict.detected_frames == SHAPE[0] and verdict.direction_cosine > 0.99
-    assert verdict.displacement > 5
+    assert verdict.displacement > MIN_DISPLACEMENT
     wrong_direction = judge(render(prompt, "smooth", 3), "a blue ball moving left in the city")
     assert not wrong_direction.passed and wrong_direction.direction_cosine < -0.99
     wrong_colour = judge(render(prompt, "smooth", 3), "a red ball moving right in the city")
