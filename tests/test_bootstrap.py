@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, build_deepspeed_ops, launch
 from engine.bootstrap import BootstrapError, ensure_assets
 from engine.config import ConfigError, load_config
-from engine.dit import DiT
+from engine.dit import DiT, DiTConfig
 from engine.reward import RewardModel
 
 # Tiny budgets for both bootstrap trainers (the recipes' own are minutes long).
@@ -40,7 +40,7 @@ def assets(tmp_path_factory) -> Path:
 def test_bootstrap_writes_a_loadable_generator_and_a_reward_model_with_its_trunk(assets):
     base = DiT.from_pretrained(assets / "base")
     reward = RewardModel.from_pretrained(assets / "pavrm")
-    assert base.config.num_layers == 2 and reward.config.blocks == 2  # the recipes' tiny preset, K = 2
+    assert base.config == DiTConfig.preset("synthetic") and reward.config.blocks == 2  # the recipes' preset, K = 2
     # the PAVRM's trunk starts from the base generator: its frozen embeddings are the generator's
     for name in ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight"):
         torch.testing.assert_close(reward.trunk.state_dict()[name], base.state_dict()[name], rtol=0, atol=0)
