@@ -273,8 +273,8 @@ class BootstrapConfig:
     reward_recipe: str = "configs/pavrm-synthetic.yaml"  # runners/pavrm.py recipe (its trunk: the base generator)
     ds_config: str = "ds_configs/z2.json"  # both trainers run on one rank
     overrides: list[str] = field(default_factory=list)  # key=value for both trainers, e.g. train.steps=2
-    base_minutes: float = 3.0  # rough duration of the base recipe (a busy 2-core CPU), printed before it starts
-    reward_minutes: float = 15.0  # the same for the PAVRM recipe (with its three validations)
+    base_minutes: float = 5.0  # rough duration of the base recipe (2 CPU cores), printed before it starts
+    reward_minutes: float = 1.0  # the same for the PAVRM recipe (with its three validations)
     wait_minutes: float = 120.0  # how long ranks other than 0 wait for rank 0 to finish the bootstrap
 
     def __post_init__(self) -> None:
