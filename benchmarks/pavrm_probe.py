@@ -115,6 +115,7 @@ def main() -> int:
               "blocks": args.blocks, "generator": args.generator, "train_samples": args.train_samples,
               "epochs": args.epochs, "rows": rows}
     results_dir = args.out or (Path(tempfile.mkdtemp()) if args.smoke else ROOT / "benchmarks/results")
+    results_dir.mkdir(parents=True, exist_ok=True)
     stem = results_dir / f"pavrm_probe-{'generator' if args.generator else 'random'}-sigma{args.sigma:g}-cpu"
     Path(f"{stem}.json").write_text(json.dumps(report, indent=2))
     lines = [f"# PAVRM head probe ({'generator ' + args.generator if args.generator else 'random tiny trunks'}, "

@@ -118,9 +118,10 @@ def test_memory_model_traces_the_steps_in_smoke_mode(tmp_path):
 
 
 def test_pavrm_probe_trains_the_head_on_cached_features_in_smoke_mode(tmp_path):
-    run_script("benchmarks/pavrm_probe.py", "--smoke", "--out", str(tmp_path))
-    report = json.loads((tmp_path / "pavrm_probe-random-sigma0-cpu.json").read_text())
+    out = tmp_path / "reports"  # a folder that does not exist yet: the script makes it
+    run_script("benchmarks/pavrm_probe.py", "--smoke", "--out", str(out))
+    report = json.loads((out / "pavrm_probe-random-sigma0-cpu.json").read_text())
     assert [(r["trunk"], r["task"]) for r in report["rows"]] == [
         (patch, task) for patch in ("1,2,2", "2,2,2")
         for task in ("smooth vs static", "smooth vs jitter", "smooth vs vanish", "all four")]
-    assert (tmp_path / "pavrm_probe-random-sigma0-cpu.md").read_text().count("| 2,2,2 |") == 4
+    assert (out / "pavrm_probe-random-sigma0-cpu.md").read_text().count("| 2,2,2 |") == 4
