@@ -60,11 +60,12 @@ def test_validation_reports_every_interval_and_their_mean(runs):
 
 def test_the_export_is_a_loadable_reward_model_and_only_the_trained_parts_moved(runs):
     model = RewardModel.from_pretrained(runs["one"] / "checkpoints/step_000003/model")
-    torch.manual_seed(0)  # the runner's initial weights: seed 0, tiny preset, 2 blocks
+    torch.manual_seed(0)  # the runner's initial weights: seed 0, the recipe's synthetic preset, 2 blocks
     from engine.dit import DiT, DiTConfig
     from engine.reward import RewardModelConfig
 
-    initial = RewardModel(RewardModelConfig(blocks=2, mlp_dims=(32, 16)), DiT(DiTConfig.preset("tiny", num_layers=2)))
+    initial = RewardModel(RewardModelConfig(blocks=2, mlp_dims=(32, 16)),
+                          DiT(DiTConfig.preset("synthetic", num_layers=2)))
     for name, value in initial.state_dict().items():
         moved = not torch.equal(model.state_dict()[name], value)
         assert moved == name.startswith(("trunk.blocks.", "pool.", "mlp.")), name
