@@ -128,6 +128,9 @@ class RewardConfig:
     # (what the reference code does: 56% of draws above sigma 0.8); logit_normal; fixed: one of `fixed_sigmas`
     shift: float = 5.0  # `shifted_index`
     fixed_sigmas: list[float] = field(default_factory=list)  # `fixed`
+    # Curriculum: training sigmas are scaled by min(1, step / sigma_warmup_steps), so the trunk first learns motion
+    # on nearly clean latents and then under more and more noise (0: off). Drawn from `timesteps` all the same.
+    sigma_warmup_steps: int = 0
     head_lr: float = 1e-5  # learning rate of the pooling attention and MLP (train.lr is the trunk's; paper 1e-6)
     eval_seed: int = 0  # noise and sigmas of validation
 
@@ -136,6 +139,8 @@ class RewardConfig:
             raise ConfigError("reward.timesteps='fixed' needs reward.fixed_sigmas, e.g. [0.3, 0.7]")
         if any(not 0.0 <= s <= 1.0 for s in self.fixed_sigmas):
             raise ConfigError(f"reward.fixed_sigmas={self.fixed_sigmas}: expected sigmas in [0, 1]")
+        if self.sigma_warmup_steps < 0:
+            raise ConfigError(f"reward.sigma_warmup_steps={self.sigma_warmup_steps}: expected 0 (off) or a number of steps")
         if self.head_lr <= 0:
             raise ConfigError(f"reward.head_lr={self.head_lr}: expected a positive number")
         if self.trainable_blocks is not None and any(not 0 <= b < self.model.blocks for b in self.trainable_blocks):

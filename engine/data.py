@@ -141,7 +141,7 @@ class SampleRandomness:
 
     def __init__(self, seed: int, sample_numbers: list[int], device: torch.device | str = "cpu",
                  micro_batch: int = 0) -> None:
-        self.device = torch.device(device)
+        self.device, self.micro_batch = torch.device(device), micro_batch
         self.generators = [torch.Generator(self.device).manual_seed(seed * 1_000_003 + n) for n in sample_numbers]
         # One draw per run-wide micro-batch, the same on every rank: choices that must agree across ranks (the
         # PRFL step index, which decides how many collective ZeRO-3 forwards each rank runs).

@@ -312,3 +312,25 @@ def test_score_runner_writes_the_models_logits_per_sample_and_timestep(tmp_path)
                               str(tmp_path), "--out", str(tmp_path / "x.csv")], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode == 2 and "holds no *.safetensors samples" in missing.stderr
+
+
+def test_sigma_warmup_scales_the_training_sigmas_by_optimizer_step():
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, x, t, context, clip_fea=None, y=None):
+            seen.append(t)
+            return x.flatten(1).mean(dim=1)
+
+    batch = synthetic_batch("ce")
+    unscaled = RewardStep(load_config(None, []).reward)
+    unscaled(Recorder(), batch, SampleRandomness(0, [0, 1, 2, 3], micro_batch=5))
+    config = load_config(None, ["reward.sigma_warmup_steps=4"]).reward
+    step = RewardStep(config, grad_accum=2)
+    for micro_batch in (0, 3, 7, 20):  # optimizer steps 0, 1, 3 and 10 of two micro-batches each
+        step(Recorder(), batch, SampleRandomness(0, [0, 1, 2, 3], micro_batch=micro_batch))
+    full, *ramped = seen
+    for t, scale in zip(ramped, (0.25, 0.5, 1.0, 1.0)):
+        torch.testing.assert_close(t, full * scale)
+    with pytest.raises(ConfigError, match="reward.sigma_warmup_steps=-1"):
+        load_config(None, ["reward.sigma_warmup_steps=-1"])
