@@ -140,7 +140,8 @@ class RewardConfig:
         if any(not 0.0 <= s <= 1.0 for s in self.fixed_sigmas):
             raise ConfigError(f"reward.fixed_sigmas={self.fixed_sigmas}: expected sigmas in [0, 1]")
         if self.sigma_warmup_steps < 0:
-            raise ConfigError(f"reward.sigma_warmup_steps={self.sigma_warmup_steps}: expected 0 (off) or a number of steps")
+            raise ConfigError(f"reward.sigma_warmup_steps={self.sigma_warmup_steps}: expected 0 (off) or a number "
+                              "of steps")
         if self.head_lr <= 0:
             raise ConfigError(f"reward.head_lr={self.head_lr}: expected a positive number")
         if self.trainable_blocks is not None and any(not 0 <= b < self.model.blocks for b in self.trainable_blocks):

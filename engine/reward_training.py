@@ -2,7 +2,8 @@
 validation protocol, and the trainer that wraps the reward model in the DeepSpeed engine.
 
     trainer = RewardTrainer(run_config, ds_config)
-    trainer.fit(RewardStep(run_config.reward, run_config.train.grad_accum), evaluate=RewardValidation(run_config, trainer.validation_dataset()))
+    trainer.fit(RewardStep(run_config.reward, run_config.train.grad_accum),
+                evaluate=RewardValidation(run_config, trainer.validation_dataset()))
 """
 
 from __future__ import annotations
