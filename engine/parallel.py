@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -90,6 +92,21 @@ def init_distributed(sp_size: int = 1):
         return layout, None
     parallel_state_sp.initialize_sequence_parallel(sp_size)
     return layout, parallel_state_sp
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a training process that returned normally, skipping the interpreter's teardown.
+
+    DeepSpeed's engine stays reachable until interpreter finalization, and with it the gloo groups' worker threads
+    (`destroy_process_group` cannot free a group something still holds). Freeing them in that teardown now and then
+    aborts a run whose work is done ("terminate called without an active exception", exit code -6), so the process
+    tears down its groups itself, flushes its output and leaves.
+    """
+    if dist.is_initialized():
+        _destroy_process_groups(dist.get_rank())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _destroy_process_groups(rank: int) -> None:

@@ -12,6 +12,7 @@ import sys
 
 from engine.cli import parse_run
 from engine.config import ConfigError
+from engine.parallel import exit_process
 from engine.reward_training import RewardStep, RewardTrainer, RewardValidation
 
 
@@ -32,4 +33,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -22,6 +22,7 @@ from engine.bootstrap import BootstrapError, ensure_assets
 from engine.cli import parse_run
 from engine.config import ConfigError
 from engine.evaluation import HeldOutReport, SampleEvaluation, validation_prompts
+from engine.parallel import exit_process
 from engine.prfl import PRFLStep, PRFLWithSFTStep
 from engine.reward import RewardModel
 from engine.sft import SFTStep
@@ -86,4 +87,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

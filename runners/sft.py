@@ -9,6 +9,7 @@ import sys
 
 from engine.cli import parse_run
 from engine.config import ConfigError
+from engine.parallel import exit_process
 from engine.sft import SFTStep
 from engine.trainer import Trainer, dry_run
 
@@ -28,4 +29,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
