@@ -9,7 +9,9 @@ The object moves in one of four ways:
     static   no motion                                           bad: no dynamics
     vanish   gone in some frames                                 bad structure
 
-`judge` decides from the latents alone whether the motion is good for the prompt, and returns the measurements
+Rendered latents are scaled to about unit RMS, as a VAE's latents are normalised before diffusion (Wan: per-channel
+mean and std): the noise schedule then meets the signal-to-noise ratios it was made for, and a noise level means
+what it means on real latents. `judge` decides from the latents alone whether the motion is good for the prompt, and returns the measurements
 behind the verdict. The toy text encoder maps a prompt of the closed vocabulary to a fixed embedding; it is a toy,
 not a language model. All of it is deterministic by seed.
 """
@@ -43,6 +45,9 @@ SPEED = (0.7, 0.9)  # smooth motion, latent pixels per frame
 MARGIN = 1.2  # closest approach of a smooth path's centre to the frame's edge, latent pixels
 JITTER = (1.5, 2.5)  # jitter: distance thrown off the smooth path in each frame, latent pixels
 NOISE = 0.05
+# render() multiplies the scene by this: about 1 / its RMS (0.27), so the latents have unit RMS like normalised VAE
+# latents. At RMS 0.27, sigma 0.7 would be as noisy as sigma 0.9 is on unit-RMS latents.
+LATENT_SCALE = 3.7
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,8 @@ def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] 
 
 
 def render(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SHAPE) -> torch.Tensor:
-    """A latent video [16, F, H, W]: scene background + the object along its trajectory + small noise."""
+    """A latent video [16, F, H, W]: scene background + the object along its trajectory + small noise, scaled by
+    LATENT_SCALE."""
     p = parse_prompt(prompt)
     frames, height, width = shape
     video = scene_background(p.scene, shape)
@@ -152,7 +158,7 @@ def render(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SH
         for cy, cx in centres:
             video[:, f] += AMPLITUDE * signature * _blob(height, width, cy, cx)
     noise = torch.randn(video.shape, generator=_seeded("noise", prompt, motion, seed))
-    return video + NOISE * noise
+    return LATENT_SCALE * (video + NOISE * noise)
 
 
 # (physics_quality, human_quality) per motion, 1 = qualified, as in the reference meta files: jitter breaks physics,
@@ -238,7 +244,7 @@ def judge(latents: torch.Tensor, prompt: str) -> Verdict:
     """Decide whether a latent video [16, F, H, W] shows one object of the prompt's colour moving smoothly, far
     enough, in the prompt's direction, in every frame."""
     p = parse_prompt(prompt)
-    latents = latents.float()
+    latents = latents.float() / LATENT_SCALE
     response = torch.einsum("cfhw,c->fhw", latents, colour_signature(p.colour))
     positions, detected, most = [], 0, 0
     for frame in response:
