@@ -11,7 +11,9 @@ The object moves in one of four ways:
 
 Rendered latents are scaled to about unit RMS, as a VAE's latents are normalised before diffusion (Wan: per-channel
 mean and std): the noise schedule then meets the signal-to-noise ratios it was made for, and a noise level means
-what it means on real latents. `judge` decides from the latents alone whether the motion is good for the prompt, and returns the measurements
+what it means on real latents.
+
+`judge` decides from the latents alone whether the motion is good for the prompt, and returns the measurements
 behind the verdict. The toy text encoder maps a prompt of the closed vocabulary to a fixed embedding; it is a toy,
 not a language model. All of it is deterministic by seed.
 """

@@ -125,3 +125,14 @@ def test_pavrm_probe_trains_the_head_on_cached_features_in_smoke_mode(tmp_path):
         (patch, task) for patch in ("1,2,2", "2,2,2")
         for task in ("smooth vs static", "smooth vs jitter", "smooth vs vanish", "all four")]
     assert (out / "pavrm_probe-random-sigma0-cpu.md").read_text().count("| 2,2,2 |") == 4
+
+
+def test_pavrm_accuracy_trains_the_recipe_per_loss_in_smoke_mode(tmp_path):
+    generator = tmp_path / "base"
+    randomized_dit("synthetic").save_pretrained(generator)
+    run_script("benchmarks/pavrm_accuracy.py", "--generator", str(generator), "--smoke", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "pavrm_accuracy-cpu.json").read_text())
+    assert [(run["loss"], run["step"]) for run in report["runs"]] == [("ce", 2), ("bt", 2)]
+    assert all(0 <= run["accuracy (0.6,0.8]"] <= 1 for run in report["runs"])
+    table = (tmp_path / "pavrm_accuracy-cpu.md").read_text()
+    assert "| ce |" in table and "| bt |" in table and "(0.6,0.8]" in table

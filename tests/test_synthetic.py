@@ -17,6 +17,12 @@ from engine.synthetic import (MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, MOTI
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_rendered_latents_have_about_unit_rms_like_normalised_vae_latents():
+    # Only at this scale do the noise schedule's sigmas mean what they mean on real, normalised latents.
+    videos = torch.stack([render(PROMPTS[i % len(PROMPTS)], MOTIONS[i % len(MOTIONS)], i) for i in range(192)])
+    assert 0.9 < videos.pow(2).mean().sqrt().item() < 1.1
+
+
 @pytest.mark.parametrize("motion", MOTIONS)
 def test_judge_separates_good_from_bad_motion_over_500_seeds(motion):
     passed = sum(judge(render(PROMPTS[s % len(PROMPTS)], motion, s), PROMPTS[s % len(PROMPTS)]).passed
