@@ -89,10 +89,19 @@ class DataConfig:
     text_tokens: int = 16  # `random`: text tokens per prompt
     val_list_file: str | None = None  # `list`: held-out samples for validation
     val_num_samples: int = 64  # `synthetic`: held-out samples (seeds disjoint from training) for validation
+    # `synthetic`: the motion kinds of the even mix (None: the base generator's four, engine.synthetic.MOTIONS);
+    # reward-model data may add `wrong_way`, a smooth object moving in another direction than the prompt's
+    synthetic_motions: list[str] | None = None
 
     def __post_init__(self) -> None:
+        from engine.synthetic import KINDS
+
         if self.num_samples < 1:
             raise ConfigError(f"data.num_samples={self.num_samples}: expected at least 1")
+        if self.synthetic_motions is not None and (not self.synthetic_motions
+                                                   or any(m not in KINDS for m in self.synthetic_motions)):
+            raise ConfigError(f"data.synthetic_motions={self.synthetic_motions}: expected motion kinds from "
+                              f"{', '.join(KINDS)}")
         for key in ("list_file", "val_list_file"):
             if self.source != "list" and getattr(self, key) is not None:
                 raise ConfigError(f"data.{key}={getattr(self, key)!r} with data.source={self.source!r}: list files "

@@ -272,9 +272,9 @@ def build_dataset(data, model: DiTConfig, seed: int, required_fields: tuple[str,
     if data.source == "random":
         return RandomLatents(model, data.num_samples, data.latent_shape, data.text_tokens, seed=seed)
     if data.source == "synthetic":
-        from engine.synthetic import SyntheticMotion
+        from engine.synthetic import MOTIONS, SyntheticMotion
 
-        return SyntheticMotion(data.num_samples, seed=seed)
+        return SyntheticMotion(data.num_samples, seed=seed, motions=tuple(data.synthetic_motions or MOTIONS))
     tensors = ("latents", "context") + (("clip_fea", "y") if model.model_type == "i2v" else ())
     return LatentListDataset(data.list_file, required_fields, latent_channels=model.out_dim, tensors=tensors)
 

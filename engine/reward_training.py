@@ -93,10 +93,13 @@ def pairs_from_metas(dataset) -> list[tuple[int, int]]:
 
 def synthetic_pairs(dataset) -> list[tuple[int, int]]:
     """Every bad-motion sample of the synthetic benchmark against the smooth sample of its prompt and round."""
+    from engine.synthetic import PROMPTS
+
     by_key = {}
     for index in range(len(dataset)):
         prompt, motion, _ = dataset.describe(index)
-        by_key.setdefault((index // (4 * 48), prompt), {}).setdefault(motion, []).append(index)
+        round_of = index // (len(dataset.motions) * len(PROMPTS))
+        by_key.setdefault((round_of, prompt), {}).setdefault(motion, []).append(index)
     pairs = []
     for motions in by_key.values():
         for motion, indices in motions.items():

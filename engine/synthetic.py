@@ -9,6 +9,10 @@ The object moves in one of four ways:
     static   no motion                                           bad: no dynamics
     vanish   gone in some frames                                 bad structure
 
+and, for reward-model data only (`data.synthetic_motions`; the base generator never sees it):
+
+    wrong_way  smooth, in another direction than the prompt's    bad: does not follow the prompt
+
 Rendered latents are scaled to about unit RMS, as a VAE's latents are normalised before diffusion (Wan: per-channel
 mean and std): the noise schedule then meets the signal-to-noise ratios it was made for, and a noise level means
 what it means on real latents.
@@ -31,7 +35,8 @@ import torch
 COLOURS = ("red", "green", "blue", "yellow")
 DIRECTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}  # (dy, dx)
 SCENES = ("beach", "forest", "city")
-MOTIONS = ("smooth", "jitter", "static", "vanish")
+MOTIONS = ("smooth", "jitter", "static", "vanish")  # the base generator's even mix
+KINDS = MOTIONS + ("wrong_way",)
 PROMPTS = tuple(f"a {colour} ball moving {direction} in the {scene}"
                 for colour, direction, scene in itertools.product(COLOURS, DIRECTIONS, SCENES))
 VOCABULARY = tuple(sorted({word for prompt in PROMPTS for word in prompt.split()}))
@@ -113,8 +118,8 @@ def _blob(height: int, width: int, cy: float, cx: float) -> torch.Tensor:
 
 def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SHAPE) -> list[list[tuple]]:
     """Per frame, the list of blob centres (y, x): one centre, or none where the object vanished."""
-    if motion not in MOTIONS:
-        raise ValueError(f"motion {motion!r}: expected one of {', '.join(MOTIONS)}")
+    if motion not in KINDS:
+        raise ValueError(f"motion {motion!r}: expected one of {', '.join(KINDS)}")
     p = parse_prompt(prompt)
     frames, height, width = shape
     g = _seeded("trajectory", prompt, motion, seed)
@@ -122,7 +127,11 @@ def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] 
     def uniform(lo: float, hi: float) -> float:
         return lo + (hi - lo) * torch.rand(1, generator=g).item()
 
-    dy, dx = DIRECTIONS[p.direction]
+    direction = p.direction
+    if motion == "wrong_way":
+        others = [d for d in DIRECTIONS if d != p.direction]
+        direction = others[int(torch.randint(len(others), (1,), generator=g))]
+    dy, dx = DIRECTIONS[direction]
     speed = uniform(*SPEED)
     travel = speed * (frames - 1)
 
@@ -132,7 +141,7 @@ def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] 
 
     cy, cx = start_along(height, dy), start_along(width, dx)
     path = [[(cy + dy * speed * f, cx + dx * speed * f)] for f in range(frames)]
-    if motion == "smooth":
+    if motion in ("smooth", "wrong_way"):
         return path
     if motion == "static":  # where the smooth path is halfway
         return [[(cy + dy * travel / 2, cx + dx * travel / 2)] for _ in range(frames)]
@@ -164,8 +173,9 @@ def render(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SH
 
 
 # (physics_quality, human_quality) per motion, 1 = qualified, as in the reference meta files: jitter breaks physics,
-# vanish breaks the object's structure, static has no dynamics (the low dynamic degree PRFL is meant to fix).
-LABELS = {"smooth": (1, 1), "jitter": (0, 1), "static": (0, 1), "vanish": (1, 0)}
+# vanish breaks the object's structure, static has no dynamics (the low dynamic degree PRFL is meant to fix), and
+# wrong_way is not what was asked for.
+LABELS = {"smooth": (1, 1), "jitter": (0, 1), "static": (0, 1), "vanish": (1, 0), "wrong_way": (1, 0)}
 
 
 def labels(motion: str) -> dict:
@@ -175,8 +185,8 @@ def labels(motion: str) -> dict:
 
 
 class SyntheticMotion(torch.utils.data.Dataset):
-    """Rendered on the fly: sample i is PROMPTS[i % 48] with motion MOTIONS[(i // 48) % 4] (an even mix) and seed
-    `seed * 1_000_003 + i`. Its dict also carries the labels (as tensors) for reward-model training."""
+    """Rendered on the fly: sample i is PROMPTS[i % 48] with motion motions[(i // 48) % len(motions)] (an even mix)
+    and seed `seed * 1_000_003 + i`. Its dict also carries the labels (as tensors) for reward-model training."""
 
     def __init__(self, num_samples: int, seed: int = 0, motions: tuple[str, ...] = MOTIONS) -> None:
         self.num_samples, self.seed, self.motions = num_samples, seed, motions

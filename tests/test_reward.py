@@ -174,6 +174,21 @@ def synthetic_batch(loss: str, size: int = 4) -> dict:
     return collate([dataset[i] for i in range(size)])
 
 
+def test_synthetic_pairs_set_each_bad_kind_against_the_smooth_video_of_its_prompt_and_round():
+    kinds = ["smooth", "jitter", "static", "vanish", "wrong_way"]
+    config = load_config(None, ["data.source=synthetic", "reward.loss=bt", "data.num_samples=480",
+                                f"data.synthetic_motions=[{','.join(kinds)}]"])
+    pairs = labelled_dataset(config, config.data, randomized_dit("tiny").config, seed=0)
+    described = [(pairs.base.describe(p), pairs.base.describe(r)) for p, r in pairs.pairs]
+    assert len(described) == 2 * 48 * 4  # two rounds of 48 prompts, four bad kinds each
+    assert all(good[1] == "smooth" and good[0] == bad[0] for good, bad in described)
+    assert sorted({bad[1] for _, bad in described}) == sorted(kinds[1:])
+    rounds = {(p // 240, r // 240) for p, r in pairs.pairs}
+    assert rounds == {(0, 0), (1, 1)}
+    with pytest.raises(ConfigError, match=r"data.synthetic_motions=\['smooth', 'sideways'\]: expected motion kinds"):
+        load_config(None, ["data.synthetic_motions=[smooth,sideways]"])
+
+
 def test_ce_step_is_binary_cross_entropy_on_the_task_label():
     model = reward_model()
     batch = synthetic_batch("ce")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.data import LatentListDataset
-from engine.synthetic import (MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, MOTIONS, PROMPTS, SHAPE, SPEED,
+from engine.synthetic import (KINDS, MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, MOTIONS, PROMPTS, SHAPE, SPEED,
                               VOCABULARY, SyntheticMotion, encode_prompt, judge, labels, render, summarize)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def test_rendered_latents_have_about_unit_rms_like_normalised_vae_latents():
     assert 0.9 < videos.pow(2).mean().sqrt().item() < 1.1
 
 
-@pytest.mark.parametrize("motion", MOTIONS)
+@pytest.mark.parametrize("motion", KINDS)
 def test_judge_separates_good_from_bad_motion_over_500_seeds(motion):
     passed = sum(judge(render(PROMPTS[s % len(PROMPTS)], motion, s), PROMPTS[s % len(PROMPTS)]).passed
                  for s in range(500))
@@ -43,6 +43,8 @@ def test_judge_measures_the_rendered_trajectory():
     wrong_colour = judge(render(prompt, "smooth", 3), "a red ball moving right in the city")
     assert not wrong_colour.passed and wrong_colour.detected_frames == 0
     assert judge(render(prompt, "static", 3), prompt).displacement < 0.5
+    wrong_way = judge(render(prompt, "wrong_way", 3), prompt)  # smooth, but along another direction
+    assert not wrong_way.passed and wrong_way.direction_cosine < 0.1 and wrong_way.max_acceleration < 0.5
 
 
 def test_the_even_mix_is_detected_everywhere_and_passes_a_quarter():
@@ -94,6 +96,7 @@ def test_labels_follow_the_reference_fields():
     dataset = SyntheticMotion(4 * 48)
     assert [dataset.describe(i)[1] for i in (0, 48, 96, 144)] == list(MOTIONS)
     assert dataset[0]["motion_quality"] == 1 and dataset[48]["motion_quality"] == 0
+    assert labels("wrong_way")["motion_quality"] == 0 and labels("wrong_way")["physics_quality"] == 1
 
 
 def test_written_dataset_round_trips_through_the_reader(tmp_path):
