@@ -289,7 +289,7 @@ class BootstrapConfig:
     ds_config: str = "ds_configs/z2.json"  # both trainers run on one rank
     overrides: list[str] = field(default_factory=list)  # key=value for both trainers, e.g. train.steps=2
     base_minutes: float = 5.0  # rough duration of the base recipe (2 CPU cores), printed before it starts
-    reward_minutes: float = 1.0  # the same for the PAVRM recipe (with its three validations)
+    reward_minutes: float = 3.5  # the same for the PAVRM recipe (with its four validations)
     wait_minutes: float = 120.0  # how long ranks other than 0 wait for rank 0 to finish the bootstrap
 
     def __post_init__(self) -> None:
