@@ -18,6 +18,7 @@ import yaml
 
 from engine.dit import PRESETS
 from engine.reward import RewardModelConfig
+from engine.synthetic import KINDS
 
 
 class ConfigError(ValueError):
@@ -94,8 +95,6 @@ class DataConfig:
     synthetic_motions: list[str] | None = None
 
     def __post_init__(self) -> None:
-        from engine.synthetic import KINDS
-
         if self.num_samples < 1:
             raise ConfigError(f"data.num_samples={self.num_samples}: expected at least 1")
         if self.synthetic_motions is not None and (not self.synthetic_motions

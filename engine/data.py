@@ -140,8 +140,9 @@ class SampleRandomness:
     depend on how a global batch is split over ranks and micro-batches, and a resumed run redraws the same."""
 
     def __init__(self, seed: int, sample_numbers: list[int], device: torch.device | str = "cpu",
-                 micro_batch: int = 0) -> None:
-        self.device, self.micro_batch = torch.device(device), micro_batch
+                 micro_batch: int = 0, step: int = 0) -> None:
+        # `step`: the optimizer step this micro-batch belongs to (schedules such as the reward model's noise curriculum)
+        self.device, self.step = torch.device(device), step
         self.generators = [torch.Generator(self.device).manual_seed(seed * 1_000_003 + n) for n in sample_numbers]
         # One draw per run-wide micro-batch, the same on every rank: choices that must agree across ranks (the
         # PRFL step index, which decides how many collective ZeRO-3 forwards each rank runs).

@@ -2,8 +2,7 @@
 validation protocol, and the trainer that wraps the reward model in the DeepSpeed engine.
 
     trainer = RewardTrainer(run_config, ds_config)
-    trainer.fit(RewardStep(run_config.reward, run_config.train.grad_accum),
-                evaluate=RewardValidation(run_config, trainer.validation_dataset()))
+    trainer.fit(RewardStep(run_config.reward), evaluate=RewardValidation(run_config, trainer.validation_dataset()))
 """
 
 from __future__ import annotations
@@ -145,19 +144,19 @@ class RewardStep:
 
     name = "pavrm"
 
-    def __init__(self, config: RewardConfig, grad_accum: int = 1) -> None:
-        self.config, self.grad_accum = config, grad_accum
+    def __init__(self, config: RewardConfig) -> None:
+        self.config = config
 
-    def sigma_scale(self, micro_batch: int) -> float:
-        """The curriculum's factor on the training sigmas at the optimizer step of this run-wide micro-batch."""
+    def sigma_scale(self, step: int) -> float:
+        """The curriculum's factor on the training sigmas at optimizer step `step` (0-based)."""
         if not self.config.sigma_warmup_steps:
             return 1.0
-        return min(1.0, (micro_batch // self.grad_accum + 1) / self.config.sigma_warmup_steps)
+        return min(1.0, (step + 1) / self.config.sigma_warmup_steps)
 
     def __call__(self, model, batch: dict[str, torch.Tensor], rng: SampleRandomness):
         x0 = batch["latents"]
         noise = rng.randn(*x0.shape[1:]).to(x0)
-        sigma = reward_sigmas(rng.rand(), self.config).view(-1).to(x0.device) * self.sigma_scale(rng.micro_batch)
+        sigma = reward_sigmas(rng.rand(), self.config).view(-1).to(x0.device) * self.sigma_scale(rng.step)
         if self.config.loss == "ce":
             logits = score(model, batch, noise, sigma).float()
             labels = batch[self.config.task].float()

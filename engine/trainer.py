@@ -376,7 +376,7 @@ class Trainer:
         for micro in range(self.config.train.grad_accum):
             numbers = self.sample_numbers(micro)
             rng = SampleRandomness(self.config.seed, numbers, self.device,
-                                   micro_batch=self.step * self.config.train.grad_accum + micro)
+                                   micro_batch=self.step * self.config.train.grad_accum + micro, step=self.step)
             loss, metrics = step_fn(self.engine, self._batch(numbers), rng)
             self.engine.backward(loss)
             self.engine.step()

@@ -27,8 +27,7 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer.fit(RewardStep(config.reward, config.train.grad_accum),
-                evaluate=validation if config.train.eval_every else None)
+    trainer.fit(RewardStep(config.reward), evaluate=validation if config.train.eval_every else None)
     return 0
 
 

@@ -341,9 +341,8 @@ def test_sigma_warmup_scales_the_training_sigmas_by_optimizer_step():
     unscaled = RewardStep(load_config(None, []).reward)
     unscaled(Recorder(), batch, SampleRandomness(0, [0, 1, 2, 3], micro_batch=5))
     config = load_config(None, ["reward.sigma_warmup_steps=4"]).reward
-    step = RewardStep(config, grad_accum=2)
-    for micro_batch in (0, 3, 7, 20):  # optimizer steps 0, 1, 3 and 10 of two micro-batches each
-        step(Recorder(), batch, SampleRandomness(0, [0, 1, 2, 3], micro_batch=micro_batch))
+    for optimizer_step in (0, 1, 3, 10):
+        RewardStep(config)(Recorder(), batch, SampleRandomness(0, [0, 1, 2, 3], micro_batch=5, step=optimizer_step))
     full, *ramped = seen
     for t, scale in zip(ramped, (0.25, 0.5, 1.0, 1.0)):
         torch.testing.assert_close(t, full * scale)
