@@ -14,6 +14,7 @@ from engine.config import ConfigError, RGBReFLConfig, load_config
 from engine.data import SampleRandomness
 from engine.refl_rgb import (TINY_CLIP, TINY_PIXELS, TINY_QWEN2_VL, TINY_VAE, ImageReward, VideoReward,
                              build_rgb_refl_step, build_vae, decode)
+from engine.reward import RewardModel, RewardModelConfig
 
 
 def tiny_rgb_config(frames: str, **overrides) -> RGBReFLConfig:
@@ -136,3 +137,19 @@ def test_pavrm_accuracy_trains_the_recipe_per_loss_in_smoke_mode(tmp_path):
     assert all(0 <= run["accuracy (0.6,0.8]"] <= 1 for run in report["runs"])
     table = (tmp_path / "pavrm_accuracy-cpu.md").read_text()
     assert "| ce |" in table and "| bt |" in table and "(0.6,0.8]" in table
+
+
+def test_prfl_stages_runs_the_default_recipe_per_stage_in_smoke_mode(tmp_path):
+    build_deepspeed_ops()
+    torch.manual_seed(0)
+    base = randomized_dit("synthetic")
+    base.save_pretrained(tmp_path / "base")
+    trunk = randomized_dit("synthetic", num_layers=1)
+    RewardModel(RewardModelConfig(blocks=1, num_heads=2, mlp_dims=(16, 8)), trunk).save_pretrained(tmp_path / "pavrm")
+    run_script("benchmarks/prfl_stages.py", "--base", str(tmp_path / "base"), "--reward", str(tmp_path / "pavrm"),
+               "--stages", "all", "last_quarter", "--smoke", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "prfl_stages-cpu.json").read_text())
+    assert [(run["stage"], run["before"]["step"], run["after"]["step"]) for run in report["runs"]] == [
+        ("all", 0, 2), ("last_quarter", 0, 2)]
+    table = (tmp_path / "prfl_stages-cpu.md").read_text()
+    assert "| base |" in table and "| all |" in table and "| last_quarter |" in table
