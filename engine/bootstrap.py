@@ -1,13 +1,13 @@
 """The synthetic benchmark's own models, trained when a run needs them: the base generator (runners/sft.py with
-`bootstrap.base_recipe`) and its PAVRM (runners/pavrm.py with `bootstrap.reward_recipe`, trunk from that generator).
+each of `bootstrap.base_recipes` in turn) and its PAVRM (runners/pavrm.py with `bootstrap.reward_recipe`, trunk
+from that generator).
 
     python runners/synthetic.py bootstrap --out assets/synthetic [key=value ...]    # writes base/ and pavrm/
     ensure_assets(run_config)     # runners/prfl.py: rank 0 trains what is missing, the other ranks wait for it
 
-Each model trains in a child process of one rank, its run folder under `<work>/base` or `<work>/pavrm`; its final
-export (checkpoints/step_N/model) is then copied into place through a temporary folder and a rename, so a folder
-that exists is complete and a waiting rank only has to see it appear.
-"""
+Each run trains in a child process of one rank, its folder under `<work>/base-<stage>` or `<work>/pavrm`; a model's
+final export (checkpoints/step_N/model) is then copied into place through a temporary folder and a rename, so a
+folder that exists is complete and a waiting rank only has to see it appear."""
 
 from __future__ import annotations
 
@@ -48,18 +48,26 @@ def train(runner: str, recipe: str, config: BootstrapConfig, run_dir: Path, over
     return checkpoints[-1] / "model"
 
 
+def install(export: Path, target: Path) -> None:
+    """Copy a trainer's final export into place through a temporary folder and a rename."""
+    with atomic_directory(target) as staging:
+        shutil.copytree(export, staging, dirs_exist_ok=True)
+
+
 def bootstrap(config: BootstrapConfig, base: Path, reward: Path, work: Path) -> None:
     """Train whichever of the base generator `base` and its PAVRM `reward` is missing."""
-    jobs = (("sft.py", config.base_recipe, config.base_minutes, base, []),
-            ("pavrm.py", config.reward_recipe, config.reward_minutes, reward, [f"model.path={base}"]))
-    for runner, recipe, minutes, target, overrides in jobs:
-        if target.exists():
-            continue
-        print(f"{target} missing: training it with runners/{runner} --config {recipe} (about {minutes:g} min)",
-              flush=True)
-        export = train(runner, recipe, config, work / ("base" if target == base else "pavrm"), overrides)
-        with atomic_directory(target) as staging:
-            shutil.copytree(export, staging, dirs_exist_ok=True)
+    if not base.exists():
+        print(f"{base} missing: training it with runners/sft.py --config {' then '.join(config.base_recipes)} "
+              f"(about {config.base_minutes:g} min)", flush=True)
+        export = None
+        for stage, recipe in enumerate(config.base_recipes):
+            export = train("sft.py", recipe, config, work / f"base-{stage}",
+                           [f"model.path={export}"] if export else [])
+        install(export, base)
+    if not reward.exists():
+        print(f"{reward} missing: training it with runners/pavrm.py --config {config.reward_recipe} (about "
+              f"{config.reward_minutes:g} min)", flush=True)
+        install(train("pavrm.py", config.reward_recipe, config, work / "pavrm", [f"model.path={base}"]), reward)
 
 
 def ensure_assets(config: RunConfig) -> None:

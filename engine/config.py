@@ -283,15 +283,19 @@ class BootstrapConfig:
     `reward.path` (its PAVRM) with these recipes when the folders are missing (engine/bootstrap.py)."""
 
     enabled: bool = False  # train whichever of model.path and reward.path is missing before the run
-    base_recipe: str = "configs/synthetic-base.yaml"  # runners/sft.py recipe of the base generator
+    # runners/sft.py recipes of the base generator, in order: each after the first starts from the one before
+    base_recipes: list[str] = field(default_factory=lambda: ["configs/synthetic-base-smooth.yaml",
+                                                             "configs/synthetic-base.yaml"])
     reward_recipe: str = "configs/pavrm-synthetic.yaml"  # runners/pavrm.py recipe (its trunk: the base generator)
     ds_config: str = "ds_configs/z2.json"  # both trainers run on one rank
     overrides: list[str] = field(default_factory=list)  # key=value for both trainers, e.g. train.steps=2
-    base_minutes: float = 5.0  # rough duration of the base recipe (2 CPU cores), printed before it starts
-    reward_minutes: float = 3.5  # the same for the PAVRM recipe (with its four validations)
+    base_minutes: float = 4.5  # rough duration of the base recipes (2 CPU cores), printed before they start
+    reward_minutes: float = 4.0  # the same for the PAVRM recipe (with its four validations)
     wait_minutes: float = 120.0  # how long ranks other than 0 wait for rank 0 to finish the bootstrap
 
     def __post_init__(self) -> None:
+        if not self.base_recipes:
+            raise ConfigError("bootstrap.base_recipes is empty: expected at least one runners/sft.py recipe")
         bad = [o for o in self.overrides if "=" not in o]
         if bad:
             raise ConfigError(f"bootstrap.overrides: {bad[0]!r} is not key=value, e.g. train.steps=2")

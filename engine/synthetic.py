@@ -5,7 +5,7 @@ Stand-in for "videos rated by people" where no real weights or labelled videos c
 The object moves in one of four ways:
 
     smooth   constant velocity in the prompt's direction        good (the only good kind)
-    jitter   the smooth path, thrown off it in every frame       bad physics
+    jitter   the smooth path, jumping 2-3 px off it once         bad physics
     static   no motion                                           bad: no dynamics
     vanish   gone in some frames                                 bad structure
 
@@ -13,9 +13,13 @@ and, for reward-model data only (`data.synthetic_motions`; the base generator ne
 
     wrong_way  smooth, in another direction than the prompt's    bad: does not follow the prompt
 
-Rendered latents are scaled to about unit RMS, as a VAE's latents are normalised before diffusion (Wan: per-channel
-mean and std): the noise schedule then meets the signal-to-noise ratios it was made for, and a noise level means
-what it means on real latents.
+The scene is lit unevenly, as real scenes are: its light grows from left to right, from top to bottom and over the
+clip (three background channels). That layout is what tells a DiT where and when a token is: with only rotary,
+i.e. relative, positions, a generator trained on flat backgrounds moved its object in a random direction whatever
+the prompt said (README, Known limitations).
+
+Rendered latents are scaled by LATENT_SCALE, as a VAE's latents are normalised before diffusion (Wan: per-channel
+mean and std), so that the noise schedule meets signal-to-noise ratios of the order it was made for.
 
 `judge` decides from the latents alone whether the motion is good for the prompt, and returns the measurements
 behind the verdict. The toy text encoder maps a prompt of the closed vocabulary to a fixed embedding; it is a toy,
@@ -50,10 +54,11 @@ BLOB_SIGMA = 1.4  # object radius in latent pixels
 AMPLITUDE = 3.0  # object peak along its colour signature
 SPEED = (0.7, 0.9)  # smooth motion, latent pixels per frame
 MARGIN = 1.2  # closest approach of a smooth path's centre to the frame's edge, latent pixels
-JITTER = (1.5, 2.5)  # jitter: distance thrown off the smooth path in each frame, latent pixels
+JUMP = (2.0, 3.0)  # jitter: how far the path jumps, once, latent pixels
+LIGHT = 1.0  # the scene's light gradients: each spans [-LIGHT, LIGHT] along x, y or time
 NOISE = 0.05
-# render() multiplies the scene by this: about 1 / its RMS (0.27), so the latents have unit RMS like normalised VAE
-# latents. At RMS 0.27, sigma 0.7 would be as noisy as sigma 0.9 is on unit-RMS latents.
+# render() multiplies the scene by this: 1 / the RMS of a flat-lit scene (0.27); lit, the latents' RMS is about 1.5.
+# At RMS 0.27, sigma 0.7 would be as noisy as sigma 0.9 is on unit-RMS latents.
 LATENT_SCALE = 3.7
 
 
@@ -92,10 +97,15 @@ def colour_signature(colour: str) -> torch.Tensor:
 
 
 def scene_background(scene: str, shape: tuple[int, int, int] = SHAPE) -> torch.Tensor:
-    """[16, F, H, W] flat static levels on channels 0..3, specific to the scene."""
+    """[16, F, H, W]: levels specific to the scene on channels 0..3, plus its light, growing from left to right
+    (channel 0), from top to bottom (channel 1) and over the clip (channel 2)."""
+    frames, height, width = shape
     levels = torch.rand(4, generator=_seeded("scene", scene)) - 0.5
     background = torch.zeros(CHANNELS, *shape)
     background[:4] = levels.view(4, 1, 1, 1)
+    background[0] += torch.linspace(-LIGHT, LIGHT, width).view(1, 1, width)
+    background[1] += torch.linspace(-LIGHT, LIGHT, height).view(1, height, 1)
+    background[2] += torch.linspace(-LIGHT, LIGHT, frames).view(frames, 1, 1)
     return background
 
 
@@ -145,17 +155,31 @@ def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] 
         return path
     if motion == "static":  # where the smooth path is halfway
         return [[(cy + dy * travel / 2, cx + dx * travel / 2)] for _ in range(frames)]
-    if motion == "jitter":  # thrown off the path in a random direction in every frame, kept inside the frame
-        centres = []
-        for (y, x), in path:
-            offset, angle = uniform(*JITTER), uniform(0.0, 2 * math.pi)
-            centres.append([(min(max(y + offset * math.sin(angle), 0.5), height - 1.5),
-                             min(max(x + offset * math.cos(angle), 0.5), width - 1.5))])
-        return centres
+    if motion == "jitter":
+        return _jump(path, g, height, width)
     # vanish: the smooth path with the object gone in 1-2 frames
     for f in torch.randperm(frames, generator=g)[: 1 + int(torch.randint(2, (1,), generator=g))].tolist():
         path[f] = []
     return path
+
+
+def _jump(path: list[list[tuple]], g: torch.Generator, height: int, width: int) -> list[list[tuple]]:
+    """The path jumps JUMP px in a random direction at a random frame and goes on from there. Of up to 16 random
+    directions the first that keeps the rest of the path inside the frame is taken (else the one that leaves it least),
+    so the edge never shortens the jump."""
+    frames = len(path)
+    start = 1 + int(torch.randint(frames - 1, (1,), generator=g))
+    distance = JUMP[0] + (JUMP[1] - JUMP[0]) * torch.rand(1, generator=g).item()
+    rest = torch.tensor([centres[0] for centres in path[start:]])
+    best, least_outside = None, math.inf
+    for angle in (2 * math.pi * torch.rand(16, generator=g)).tolist():
+        moved = rest + distance * torch.tensor([math.sin(angle), math.cos(angle)])
+        outside = ((0.5 - moved).clamp(min=0) + (moved - torch.tensor([height - 1.5, width - 1.5])).clamp(min=0)).sum()
+        if outside < least_outside:
+            best, least_outside = moved, outside.item()
+        if least_outside == 0:
+            break
+    return path[:start] + [[(y, x)] for y, x in best.tolist()]
 
 
 def render(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SHAPE) -> torch.Tensor:
@@ -227,7 +251,7 @@ class Verdict:
 
 
 DETECT_THRESHOLD = 0.35 * AMPLITUDE  # colour-projection peak that counts as an object
-MIN_DISPLACEMENT = 2.5  # a smooth path travels 3.5-4.5 px
+MIN_DISPLACEMENT = 2.1  # 60% of the shortest smooth travel (3.5-4.5 px)
 MIN_COSINE = 0.8
 MAX_ACCELERATION = 1.0
 MAX_JUMP = 1.6  # a smooth step is at most 0.9 px

@@ -95,8 +95,9 @@ def main(argv=None) -> int:
     p = commands.add_parser("judge", help="judge a folder of latents; prints pass rate and diversity")
     p.add_argument("folder", type=Path)
     p.set_defaults(run=judge_folder)
-    p = commands.add_parser("bootstrap", help="train the base generator (configs/synthetic-base.yaml) and its PAVRM "
-                            "(configs/pavrm-synthetic.yaml) into OUT/base and OUT/pavrm, whichever is missing")
+    p = commands.add_parser("bootstrap", help="train the base generator (configs/synthetic-base-smooth.yaml, then "
+                            "configs/synthetic-base.yaml) and its PAVRM (configs/pavrm-synthetic.yaml) into "
+                            "OUT/base and OUT/pavrm, whichever is missing")
     p.add_argument("--out", type=Path, default=Path("assets/synthetic"))
     p.add_argument("--work", type=Path, default=Path("outputs/bootstrap"), help="the two training runs' folders")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both trainers")

@@ -33,7 +33,7 @@ def assets(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("assets")
     build_deepspeed_ops()
     subprocess.run([sys.executable, "runners/synthetic.py", "bootstrap", "--out", str(out), "--work",
-                    str(tmp_path_factory.mktemp("work")), *TINY], cwd=ROOT, check=True, timeout=300)
+                    str(out.parent / "work"), *TINY], cwd=ROOT, check=True, timeout=300)
     return out
 
 
@@ -47,9 +47,20 @@ def test_bootstrap_writes_a_loadable_generator_and_a_reward_model_with_its_trunk
     assert not list(assets.glob(".*"))  # no staging folder left behind
 
 
+def test_each_base_recipe_starts_from_the_one_before(assets):
+    work = assets.parent / "work"
+    first, second = (load_config(work / f"base-{stage}/config.yaml") for stage in (0, 1))
+    assert first.data.synthetic_motions == ["smooth"] and first.model.path is None
+    assert second.data.synthetic_motions is None  # the even mix of the four kinds
+    assert Path(second.model.path) == work / "base-0/checkpoints/step_000002/model"
+    torch.testing.assert_close(DiT.from_pretrained(assets / "base").state_dict(),
+                               DiT.from_pretrained(work / "base-1/checkpoints/step_000002/model").state_dict())
+
+
 def test_main_command_bootstraps_trains_and_reports_before_and_after(tmp_path):
     done = main_command(tmp_path / "assets", tmp_path / "run")
-    assert "base missing: training it with runners/sft.py --config configs/synthetic-base.yaml" in done.stdout
+    assert ("base missing: training it with runners/sft.py --config configs/synthetic-base-smooth.yaml then "
+            "configs/synthetic-base.yaml") in done.stdout
     assert "pavrm missing: training it with runners/pavrm.py --config configs/pavrm-synthetic.yaml" in done.stdout
     DiT.from_pretrained(tmp_path / "assets/base")
     RewardModel.from_pretrained(tmp_path / "assets/pavrm")
@@ -98,4 +109,6 @@ def test_bootstrap_config_errors_name_the_field():
         load_config(None, ["bootstrap.enabled=true"])
     with pytest.raises(ConfigError, match="bootstrap.overrides: 'train.steps' is not key=value"):
         load_config(None, ["bootstrap.overrides=[train.steps]"])
+    with pytest.raises(ConfigError, match="bootstrap.base_recipes is empty"):
+        load_config(None, ["bootstrap.base_recipes=[]"])
     assert load_config(ROOT / "configs/prfl-synthetic.yaml").bootstrap.enabled

@@ -11,16 +11,26 @@ import torch
 from safetensors.torch import save_file
 
 from engine.data import LatentListDataset
-from engine.synthetic import (KINDS, MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, MOTIONS, PROMPTS, SHAPE, SPEED,
-                              VOCABULARY, SyntheticMotion, encode_prompt, judge, labels, render, summarize)
+from engine.synthetic import (JUMP, KINDS, MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, MOTIONS, PROMPTS, SHAPE,
+                              SPEED, VOCABULARY, SyntheticMotion, encode_prompt, judge, labels, render, summarize,
+                              trajectory)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_rendered_latents_have_about_unit_rms_like_normalised_vae_latents():
-    # Only at this scale do the noise schedule's sigmas mean what they mean on real, normalised latents.
+def test_rendered_latents_are_of_the_order_of_normalised_vae_latents():
+    # Of this order, the noise schedule's sigmas mean about what they mean on real, normalised latents.
     videos = torch.stack([render(PROMPTS[i % len(PROMPTS)], MOTIONS[i % len(MOTIONS)], i) for i in range(192)])
-    assert 0.9 < videos.pow(2).mean().sqrt().item() < 1.1
+    assert 1.0 < videos.pow(2).mean().sqrt().item() < 2.0
+
+
+def test_scene_light_grows_left_to_right_top_to_bottom_and_over_the_clip():
+    # The layout that tells a token where and when it is: the same in every video of a scene, whatever moves in it.
+    for motion, seed in (("smooth", 0), ("jitter", 5), ("vanish", 9)):
+        video = render("a green ball moving up in the forest", motion, seed)
+        for channel, dims in ((0, (0, 1)), (1, (0, 2)), (2, (1, 2))):  # x, y, time: average the other two axes
+            profile = video[channel].mean(dim=dims)
+            assert (profile[1:] - profile[:-1] > 0.5).all(), (motion, channel, profile)
 
 
 @pytest.mark.parametrize("motion", KINDS)
@@ -31,6 +41,18 @@ def test_judge_separates_good_from_bad_motion_over_500_seeds(motion):
         assert passed >= 495
     else:
         assert passed <= 5
+
+
+def test_jitter_jumps_once_by_the_full_distance_and_stays_in_the_frame():
+    frames, height, width = SHAPE
+    for seed in range(200):
+        path = torch.tensor([centres[0] for centres in trajectory(PROMPTS[seed % len(PROMPTS)], "jitter", seed)])
+        steps = path[1:] - path[:-1]
+        changes = (steps[1:] - steps[:-1]).norm(dim=1)  # a jump changes the velocity twice, or once at an end
+        jump = (steps - steps.median(dim=0).values).norm(dim=1)
+        assert (jump > JUMP[0] - 1e-4).sum() == 1 and (changes > 1e-4).sum() <= 2, (seed, path)
+        # the object's centre stays on the grid (the jump picks a direction that keeps it 0.5 px in where it can)
+        assert path.min() >= 0 and path[:, 0].max() <= height - 1 and path[:, 1].max() <= width - 1, seed
 
 
 def test_judge_measures_the_rendered_trajectory():
