@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cpu_report import machine, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/pavrm-synthetic.yaml"
@@ -70,14 +70,8 @@ def main() -> int:
         runs = [{"loss": loss, **train(args.generator, loss, Path(work) / loss,
                                        PER_LOSS[loss] + (SMOKE if args.smoke else []))}
                 for loss in args.losses]
-    report = {"device": platform.processor() or platform.machine(), "threads": os.cpu_count(), "smoke": args.smoke,
-              "generator": args.generator, "recipe": RECIPE, "runs": runs}
-    results_dir = args.out or (Path(tempfile.mkdtemp()) if args.smoke else ROOT / "benchmarks/results")
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stem = results_dir / "pavrm_accuracy-cpu"
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=2))
-    Path(f"{stem}.md").write_text(markdown(report))
-    print(f"wrote {stem}.json and .md")
+    report = {**machine(), "smoke": args.smoke, "generator": args.generator, "recipe": RECIPE, "runs": runs}
+    write_report("pavrm_accuracy", report, markdown(report), args.out, args.smoke)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Where in the sampling chain PRFL's gradient step should fall (the paper's stage ablation), on the synthetic motion
 benchmark: the embedded default run (configs/prfl-synthetic.yaml) once per `prfl.stage`, same budget, same assets.
 
-    python benchmarks/prfl_stages.py                          # all, early, middle, late, last_quarter: ~8 min on 2 cores
+    python benchmarks/prfl_stages.py                          # all, early, middle, late, last_quarter (2 cores: ~5 min)
     python benchmarks/prfl_stages.py --stages all last_quarter  # the whole chain against RGB-ReFL-style late-only k
     python benchmarks/prfl_stages.py --base B --reward R --smoke --out DIR   # a few steps: checks the script
 
@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cpu_report import machine, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("all", "early", "middle", "late", "last_quarter")
@@ -85,14 +85,8 @@ def main() -> int:
     # The runs stay under outputs/ for a look at their samples and metrics; smoke runs go to a temporary folder.
     work = Path(tempfile.mkdtemp(prefix="prfl_stages-")) if args.smoke else Path("outputs/prfl_stages")
     runs = [train(stage, args.base, args.reward, work / stage, SMOKE if args.smoke else []) for stage in args.stages]
-    report = {"device": platform.processor() or platform.machine(), "threads": os.cpu_count(), "smoke": args.smoke,
-              "base": str(args.base), "reward": str(args.reward), "runs": runs}
-    results_dir = args.out or (Path(tempfile.mkdtemp()) if args.smoke else ROOT / "benchmarks/results")
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stem = results_dir / "prfl_stages-cpu"
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=2))
-    Path(f"{stem}.md").write_text(markdown(report))
-    print(f"wrote {stem}.json and .md")
+    report = {**machine(), "smoke": args.smoke, "base": str(args.base), "reward": str(args.reward), "runs": runs}
+    write_report("prfl_stages", report, markdown(report), args.out, args.smoke)
     return 0
 
 

@@ -1,0 +1,28 @@
+"""The CPU benchmark scripts' reports: `<name>-cpu.json` (every setting and number) and `<name>-cpu.md` (the same as
+a table), in benchmarks/results or, for a smoke run without --out, in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    """The fields every report starts with: where it was measured."""
+    return {"device": platform.processor() or platform.machine(), "threads": os.cpu_count()}
+
+
+def write_report(name: str, report: dict, markdown: str, out: Path | None, smoke: bool) -> Path:
+    """Write the report's JSON and Markdown; returns their common stem."""
+    results_dir = out or (Path(tempfile.mkdtemp()) if smoke else RESULTS)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / f"{name}-cpu"
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=2))
+    Path(f"{stem}.md").write_text(markdown)
+    print(f"wrote {stem}.json and .md")
+    return stem
