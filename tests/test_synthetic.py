@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from engine.data import LatentListDataset
+from engine.dit import DiT
 from engine.synthetic import (JUMP, KINDS, MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, MOTIONS, PROMPTS, SHAPE,
-                              SPEED, VOCABULARY, SyntheticMotion, encode_prompt, judge, labels, render, summarize,
-                              trajectory)
+                              SPEED, VOCABULARY, SyntheticMotion, encode_prompt, generate, held_out_pairs, judge,
+                              labels, render, summarize, trajectory)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,3 +157,13 @@ def test_judge_cli_reports_pass_rate_and_diversity(tmp_path):
     report = json.loads(done.stdout)
     assert report["samples"] == 4 and report["pass_rate"] == 0.5 and report["detected_rate"] == 1.0
     assert report["trajectory_spread_px"] > 0
+
+
+def test_the_committed_base_generator_finds_its_object_and_passes_20_to_75_percent():
+    # tests/assets/synthetic-base is OUT/base of `python runners/synthetic.py bootstrap --out OUT` (3.5 min on 2
+    # cores, deterministic): regenerate it whenever the benchmark or its base recipes change.
+    model = DiT.from_pretrained(ROOT / "tests/assets/synthetic-base").eval()
+    pairs = held_out_pairs(64)
+    latents = generate(model, pairs)  # runners/synthetic.py sample's chain: 20 UniPC steps, shift 3
+    report = summarize([judge(x, prompt) for x, (prompt, _) in zip(latents, pairs)], [p for p, _ in pairs])
+    assert report["detected_rate"] >= 0.9 and 0.2 <= report["pass_rate"] <= 0.75, report
