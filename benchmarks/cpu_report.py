@@ -26,3 +26,8 @@ def write_report(name: str, report: dict, markdown: str, out: Path | None, smoke
     Path(f"{stem}.md").write_text(markdown)
     print(f"wrote {stem}.json and .md")
     return stem
+
+
+def commands(runs: list[dict]) -> list[str]:
+    """The Markdown lines that end a report: each run's command line, to rerun it."""
+    return ["", "Commands (from the repository root):", "", *(f"    python {run['command']}" for run in runs)]

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpu_report import machine, write_report
+from cpu_report import commands, machine, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/pavrm-synthetic.yaml"
@@ -54,8 +54,7 @@ def markdown(report: dict) -> str:
                  for i in INTERVALS]
         lines.append(f"| {run['loss']} | " + " | ".join(cells) + f" | {run['accuracy mean']:.3f} | "
                      f"{run['seconds'] / 60:.1f} min |")
-    lines += ["", "Commands (from the repository root):", ""]
-    lines += [f"    python {run['command']}" for run in report["runs"]]
+    lines += commands(report["runs"])
     return "\n".join(lines) + "\n"
 
 

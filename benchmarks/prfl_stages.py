@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpu_report import machine, write_report
+from cpu_report import commands, machine, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("all", "early", "middle", "late", "last_quarter")
@@ -65,8 +65,7 @@ def markdown(report: dict) -> str:
     for run in report["runs"]:
         lines.append(f"| {run['stage']} | " + " | ".join(cell(run["after"][key]) for key in COLUMNS) +
                      f" | {cell(run['diversity_ratio'])} | {run['seconds'] / 60:.1f} min |")
-    lines += ["", "Commands (from the repository root):", ""]
-    lines += [f"    python {run['command']}" for run in report["runs"]]
+    lines += commands(report["runs"])
     return "\n".join(lines) + "\n"
 
 

@@ -156,20 +156,20 @@ def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] 
     if motion == "static":  # where the smooth path is halfway
         return [[(cy + dy * travel / 2, cx + dx * travel / 2)] for _ in range(frames)]
     if motion == "jitter":
-        return _jump(path, g, height, width)
+        return _jump(path, g, uniform, height, width)
     # vanish: the smooth path with the object gone in 1-2 frames
     for f in torch.randperm(frames, generator=g)[: 1 + int(torch.randint(2, (1,), generator=g))].tolist():
         path[f] = []
     return path
 
 
-def _jump(path: list[list[tuple]], g: torch.Generator, height: int, width: int) -> list[list[tuple]]:
+def _jump(path: list[list[tuple]], g: torch.Generator, uniform, height: int, width: int) -> list[list[tuple]]:
     """The path jumps JUMP px in a random direction at a random frame and goes on from there. Of up to 16 random
     directions the first that keeps the rest of the path inside the frame is taken (else the one that leaves it least),
     so the edge never shortens the jump."""
     frames = len(path)
     start = 1 + int(torch.randint(frames - 1, (1,), generator=g))
-    distance = JUMP[0] + (JUMP[1] - JUMP[0]) * torch.rand(1, generator=g).item()
+    distance = uniform(*JUMP)
     rest = torch.tensor([centres[0] for centres in path[start:]])
     best, least_outside = None, math.inf
     for angle in (2 * math.pi * torch.rand(16, generator=g)).tolist():
