@@ -378,15 +378,17 @@ def run(config: PreprocessConfig, progress: bool = True) -> int:
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, reports)
-            # Rank 1+ leave right after this; tearing the group down while rank 0 still receives aborted them
-            # ("terminate called without an active exception").
-            dist.barrier()
             reports = [report for part in gathered for report in part]
-        if rank != 0:
-            return 0
-        summary = finish(config, records, reports, encoders.text.encode([""])[0])
-        print(summary_line(summary, root, config.split), flush=True)
-        return 1 if summary["failed"] or not summary["listed"] else 0
+        status = 0
+        if rank == 0:
+            summary = finish(config, records, reports, encoders.text.encode([""])[0])
+            print(summary_line(summary, root, config.split), flush=True)
+            status = 1 if summary["failed"] or not summary["listed"] else 0
+        if world > 1:
+            # Every rank tears the group down at the same point: a rank that leaves while another still uses the
+            # group can abort in gloo ("terminate called without an active exception").
+            dist.barrier()
+        return status
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from engine.config import ConfigError, load_config
+from engine.parallel import exit_process
 from engine.preprocess import PreprocessConfig, run
 
 
@@ -33,4 +34,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # skips the interpreter teardown, where gloo's threads can abort a finished run
