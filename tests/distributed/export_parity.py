@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import dit_inputs  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.dit import DiT  # noqa: E402
+from engine.parallel import exit_process  # noqa: E402
 from engine.sft import SFTStep  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
@@ -56,4 +57,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # like the runners: a DeepSpeed engine's gloo groups can abort the teardown

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import engine.trainer as trainer_module
+from engine.parallel import exit_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,4 +53,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # like the runners: a DeepSpeed engine's gloo groups can abort the teardown
