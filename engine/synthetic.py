@@ -126,8 +126,10 @@ def _blob(height: int, width: int, cy: float, cx: float) -> torch.Tensor:
     return torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * BLOB_SIGMA**2))
 
 
-def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SHAPE) -> list[list[tuple]]:
-    """Per frame, the list of blob centres (y, x): one centre, or none where the object vanished."""
+def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SHAPE,
+               speed: float | None = None) -> list[list[tuple]]:
+    """Per frame, the list of blob centres (y, x): one centre, or none where the object vanished. `speed` (latent
+    pixels per frame) replaces the draw from SPEED, e.g. to render paths slower than the data's."""
     if motion not in KINDS:
         raise ValueError(f"motion {motion!r}: expected one of {', '.join(KINDS)}")
     p = parse_prompt(prompt)
@@ -142,7 +144,7 @@ def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] 
         others = [d for d in DIRECTIONS if d != p.direction]
         direction = others[int(torch.randint(len(others), (1,), generator=g))]
     dy, dx = DIRECTIONS[direction]
-    speed = uniform(*SPEED)
+    speed = uniform(*SPEED) if speed is None else speed
     travel = speed * (frames - 1)
 
     def start_along(extent: float, d: float) -> float:
@@ -182,14 +184,15 @@ def _jump(path: list[list[tuple]], g: torch.Generator, uniform, height: int, wid
     return path[:start] + [[(y, x)] for y, x in best.tolist()]
 
 
-def render(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SHAPE) -> torch.Tensor:
-    """A latent video [16, F, H, W]: scene background + the object along its trajectory + small noise, scaled by
-    LATENT_SCALE."""
+def render(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SHAPE,
+           speed: float | None = None) -> torch.Tensor:
+    """A latent video [16, F, H, W]: scene background + the object along its trajectory (at `speed`, if given) +
+    small noise, scaled by LATENT_SCALE."""
     p = parse_prompt(prompt)
     frames, height, width = shape
     video = scene_background(p.scene, shape)
     signature = colour_signature(p.colour).view(-1, 1, 1)
-    for f, centres in enumerate(trajectory(prompt, motion, seed, shape)):
+    for f, centres in enumerate(trajectory(prompt, motion, seed, shape, speed)):
         for cy, cx in centres:
             video[:, f] += AMPLITUDE * signature * _blob(height, width, cy, cx)
     noise = torch.randn(video.shape, generator=_seeded("noise", prompt, motion, seed))

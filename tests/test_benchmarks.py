@@ -153,3 +153,24 @@ def test_prfl_stages_runs_the_default_recipe_per_stage_in_smoke_mode(tmp_path):
         ("all", 0, 2), ("last_quarter", 0, 2)]
     table = (tmp_path / "prfl_stages-cpu.md").read_text()
     assert "| base |" in table and "| all |" in table and "| last_quarter |" in table
+
+
+def test_pavrm_shift_scores_rendered_speeds_and_judges_each_generator_in_smoke_mode(tmp_path):
+    torch.manual_seed(0)
+    randomized_dit("synthetic").save_pretrained(tmp_path / "base")
+    trunk = randomized_dit("synthetic", num_layers=1)
+    RewardModel(RewardModelConfig(blocks=1, num_heads=2, mlp_dims=(16, 8)), trunk).save_pretrained(tmp_path / "pavrm")
+    run_script("benchmarks/pavrm_shift.py", "--reward", str(tmp_path / "pavrm"), "--generator",
+               f"base={tmp_path / 'base'}", "--generator", f"again={tmp_path / 'base'}", "--smoke", "--out",
+               str(tmp_path))
+    report = json.loads((tmp_path / "pavrm_shift-cpu.json").read_text())
+    assert [row["speed_px_per_frame"] for row in report["rendered"]][0] == 0.0
+    assert all(row["median_logit"] is not None for row in report["rendered"])
+    base, again = report["generators"]
+    assert (base["name"], again["name"]) == ("base", "again")
+    assert base == {**again, "name": "base"}  # the same generator on the same pairs: the same figures
+    assert "| base |" in (tmp_path / "pavrm_shift-cpu.md").read_text()
+    missing = subprocess.run([sys.executable, "benchmarks/pavrm_shift.py", "--reward", str(tmp_path / "nowhere"),
+                              "--generator", f"base={tmp_path / 'base'}", "--smoke"], cwd=ROOT, capture_output=True,
+                             text=True)
+    assert missing.returncode != 0 and "--reward: " in missing.stderr and "nowhere is not a folder" in missing.stderr

@@ -68,6 +68,10 @@ def test_judge_measures_the_rendered_trajectory():
     assert judge(render(prompt, "static", 3), prompt).displacement < 0.5
     wrong_way = judge(render(prompt, "wrong_way", 3), prompt)  # smooth, but along another direction
     assert not wrong_way.passed and wrong_way.direction_cosine < 0.1 and wrong_way.max_acceleration < 0.5
+    # A path rendered at a given speed travels that speed per frame and fails only on distance when it is too slow.
+    slow = judge(render(prompt, "smooth", 3, speed=0.3), prompt)
+    assert abs(slow.displacement - 0.3 * (SHAPE[0] - 1)) < 0.15 and slow.direction_cosine > 0.99
+    assert not slow.passed and slow.max_acceleration < 0.2
 
 
 def test_the_even_mix_is_detected_everywhere_and_passes_a_quarter():

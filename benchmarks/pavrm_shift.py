@@ -1,0 +1,140 @@
+"""Does the PAVRM judge a generator's own videos the way it judges the rendered ones it learned from? The check for
+reward hacking on the synthetic motion benchmark.
+
+    python benchmarks/pavrm_shift.py --generator base=assets/synthetic/base \
+        --generator prfl=outputs/prfl-synthetic/checkpoints/step_000100/model        # 2 cores: under a minute
+    python benchmarks/pavrm_shift.py --reward R --generator base=B --smoke --out DIR  # a few pairs: checks the script
+
+The PAVRM scores clean latents (sigma 0) of the held-out (prompt, seed) pairs:
+- rendered smooth paths at fixed speeds, from standing still to the data's (SPEED, latent pixels per frame); the
+  judge's distance threshold is MIN_DISPLACEMENT over the clip, about 0.42 px per frame;
+- each named generator's samples on the same pairs (the PRFL recipe's chain: 10 UniPC steps), judged: pass rate,
+  median distance travelled, the PAVRM's median logit on passed and failed samples, the ROC-AUC of the logit
+  against the judge's verdict (0.5: no better than chance), and the share of samples that score above the median
+  rendered smooth video.
+
+A PAVRM that ranks speeds correctly on rendered videos but scores a generator's failed samples above the real thing
+is being hacked: PRFL against it optimises something other than what the judge passes.
+Writes benchmarks/results/pavrm_shift-cpu.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from cpu_report import machine, write_report
+from engine.dit import DiT
+from engine.flow import timestep_from_sigma
+from engine.reward import RewardModel
+from engine.reward_training import roc_auc
+from engine.synthetic import MIN_DISPLACEMENT, SHAPE, SPEED, encode_prompt, generate, held_out_pairs, judge, render
+
+SPEEDS = (0.0, 0.15, 0.3, 0.45, 0.6, SPEED[1])
+
+
+@torch.no_grad()
+def logits(reward_model: RewardModel, latents: torch.Tensor, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """The PAVRM's logit [N] for clean latents [N, 16, F, H, W]."""
+    scores = []
+    for start in range(0, len(latents), batch_size):
+        chunk = latents[start:start + batch_size]
+        context = torch.stack([encode_prompt(p) for p in prompts[start:start + batch_size]])
+        scores.append(reward_model(chunk, timestep_from_sigma(torch.zeros(len(chunk))), context).float())
+    return torch.cat(scores)
+
+
+def median(values: torch.Tensor) -> float | None:
+    return values.median().item() if len(values) else None
+
+
+def rendered_speeds(reward_model: RewardModel, pairs: list[tuple[str, int]]) -> list[dict]:
+    prompts = [prompt for prompt, _ in pairs]
+    rows = []
+    for speed in SPEEDS:
+        videos = torch.stack([render(prompt, "smooth", seed, speed=speed) for prompt, seed in pairs])
+        rows.append({"speed_px_per_frame": speed, "distance_px": speed * (SHAPE[0] - 1),
+                     "median_logit": median(logits(reward_model, videos, prompts))})
+    return rows
+
+
+def generator_row(name: str, path: Path, reward_model: RewardModel, pairs: list[tuple[str, int]], steps: int,
+                  smooth_median: float) -> dict:
+    prompts = [prompt for prompt, _ in pairs]
+    videos = generate(DiT.from_pretrained(path).eval(), pairs, steps=steps)
+    verdicts = [judge(video, prompt) for video, prompt in zip(videos, prompts)]
+    scores = logits(reward_model, videos, prompts)
+    passed = torch.tensor([v.passed for v in verdicts])
+    distances = torch.tensor([v.displacement for v in verdicts])
+    return {"name": name, "path": str(path), "pass_rate": passed.float().mean().item(),
+            "median_distance_px": distances.nanmedian().item(), "median_logit_passed": median(scores[passed]),
+            "median_logit_failed": median(scores[~passed]),
+            "auc": roc_auc(scores, passed.float()) if 0 < passed.sum() < len(passed) else None,
+            "above_rendered_smooth": (scores > smooth_median).float().mean().item()}
+
+
+def cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# The PAVRM on rendered and generated videos (synthetic benchmark, {report['device']}, "
+             f"{report['threads']} threads)", "",
+             f"`{report['reward']}` scores clean latents of {report['pairs']} held-out (prompt, seed) pairs. The judge "
+             f"passes a path of at least {MIN_DISPLACEMENT} px over the clip.", "",
+             "Rendered smooth paths at fixed speeds:", "", "| px per frame | distance (px) | median logit |",
+             "|---|---|---|"]
+    lines += [f"| {r['speed_px_per_frame']:.2f} | {r['distance_px']:.2f} | {cell(r['median_logit'])} |"
+              for r in report["rendered"]]
+    lines += ["", f"Generators' samples ({report['steps']} UniPC steps), judged; AUC: the logit against the judge's "
+              "verdict; above smooth: share scoring above the median rendered smooth video:", "",
+              "| generator | pass | median distance (px) | median logit, passed | median logit, failed | AUC | "
+              "above smooth |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {g['name']} | {g['pass_rate']:.2f} | {cell(g['median_distance_px'])} | "
+              f"{cell(g['median_logit_passed'])} | {cell(g['median_logit_failed'])} | {cell(g['auc'])} | "
+              f"{g['above_rendered_smooth']:.2f} |" for g in report["generators"]]
+    lines += ["", "Command (from the repository root):", "", f"    python {report['command']}"]
+    return "\n".join(lines) + "\n"
+
+
+def named_path(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=PATH, e.g. base=assets/synthetic/base")
+    return name, Path(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reward", type=Path, default=Path("assets/synthetic/pavrm"), help="PAVRM folder")
+    parser.add_argument("--generator", type=named_path, action="append", required=True, metavar="NAME=PATH",
+                        help="a generator export to sample and judge (repeatable)")
+    parser.add_argument("--pairs", type=int, default=64, help="held-out (prompt, seed) pairs")
+    parser.add_argument("--steps", type=int, default=10, help="sampling steps (the PRFL recipe's chain)")
+    parser.add_argument("--smoke", action="store_true", help="4 pairs, 2 steps: checks the script only")
+    parser.add_argument("--out", type=Path, help="report folder (default: benchmarks/results; smoke: a temporary one)")
+    args = parser.parse_args()
+    for flag, folder in (("--reward", args.reward), *((f"--generator {n}", p) for n, p in args.generator)):
+        if not folder.is_dir():
+            sys.exit(f"error: {flag}: {folder} is not a folder (python runners/synthetic.py bootstrap writes the "
+                     "base generator and its PAVRM; runners/prfl.py exports under <run>/checkpoints/step_N/model)")
+    pairs_count, steps = (4, 2) if args.smoke else (args.pairs, args.steps)
+    torch.manual_seed(0)
+    reward_model = RewardModel.from_pretrained(args.reward).eval()
+    pairs = held_out_pairs(pairs_count)
+    rendered = rendered_speeds(reward_model, pairs)
+    smooth_median = rendered[-1]["median_logit"]
+    report = {**machine(), "smoke": args.smoke, "reward": str(args.reward), "pairs": pairs_count, "steps": steps, "rendered": rendered,
+              "generators": [generator_row(name, path, reward_model, pairs, steps, smooth_median)
+                             for name, path in args.generator],
+              "command": " ".join(["benchmarks/pavrm_shift.py", *sys.argv[1:]])}
+    write_report("pavrm_shift", report, markdown(report), args.out, args.smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
