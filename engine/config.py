@@ -93,6 +93,10 @@ class DataConfig:
     # `synthetic`: the motion kinds of the even mix (None: the base generator's four, engine.synthetic.MOTIONS);
     # reward-model data may add `wrong_way`, a smooth object moving in another direction than the prompt's
     synthetic_motions: list[str] | None = None
+    # `synthetic`, reward-model training data (not its validation): the object's brightness and width and the noise
+    # level drawn per sample (engine.synthetic.VARIED_LOOK), so that the PAVRM judges motion, not how rendered
+    # videos look
+    synthetic_varied_looks: bool = False
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -101,6 +105,9 @@ class DataConfig:
                                                    or any(m not in KINDS for m in self.synthetic_motions)):
             raise ConfigError(f"data.synthetic_motions={self.synthetic_motions}: expected motion kinds from "
                               f"{', '.join(KINDS)}")
+        if self.synthetic_varied_looks and self.source != "synthetic":
+            raise ConfigError(f"data.synthetic_varied_looks with data.source={self.source!r}: it varies the rendered "
+                              "samples of source 'synthetic' only")
         for key in ("list_file", "val_list_file"):
             if self.source != "list" and getattr(self, key) is not None:
                 raise ConfigError(f"data.{key}={getattr(self, key)!r} with data.source={self.source!r}: list files "

@@ -275,7 +275,8 @@ def build_dataset(data, model: DiTConfig, seed: int, required_fields: tuple[str,
     if data.source == "synthetic":
         from engine.synthetic import MOTIONS, SyntheticMotion
 
-        return SyntheticMotion(data.num_samples, seed=seed, motions=tuple(data.synthetic_motions or MOTIONS))
+        return SyntheticMotion(data.num_samples, seed=seed, motions=tuple(data.synthetic_motions or MOTIONS),
+                               varied_looks=data.synthetic_varied_looks)
     tensors = ("latents", "context") + (("clip_fea", "y") if model.model_type == "i2v" else ())
     return LatentListDataset(data.list_file, required_fields, latent_channels=model.out_dim, tensors=tensors)
 

@@ -129,9 +129,10 @@ def validation_dataset(config: RunConfig, trunk_config: DiTConfig) -> torch.util
             raise ConfigError("data.val_list_file is not set: reward model validation needs held-out samples")
         return labelled_dataset(config, dataclasses.replace(data, list_file=data.val_list_file, val_list_file=None),
                                 trunk_config, config.seed)
-    # Synthetic samples are rendered from (seed, index): another seed gives held-out videos.
-    return labelled_dataset(config, dataclasses.replace(data, num_samples=data.val_num_samples), trunk_config,
-                            config.seed + 1)
+    # Synthetic samples are rendered from (seed, index): another seed gives held-out videos. Varied looks are a
+    # training augmentation: validation scores the benchmark's own renders.
+    held_out = dataclasses.replace(data, num_samples=data.val_num_samples, synthetic_varied_looks=False)
+    return labelled_dataset(config, held_out, trunk_config, config.seed + 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -120,10 +120,32 @@ def null_prompt_embedding() -> torch.Tensor:
     return torch.zeros(1, TEXT_DIM)
 
 
-def _blob(height: int, width: int, cy: float, cx: float) -> torch.Tensor:
+def _blob(height: int, width: int, cy: float, cx: float, sigma: float) -> torch.Tensor:
     y = torch.arange(height, dtype=torch.float32).view(-1, 1)
     x = torch.arange(width, dtype=torch.float32).view(1, -1)
-    return torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * BLOB_SIGMA**2))
+    return torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma**2))
+
+
+@dataclass(frozen=True)
+class Look:
+    """How the object and the noise look, apart from the motion: the benchmark's own values by default."""
+
+    amplitude: float = AMPLITUDE
+    blob_sigma: float = BLOB_SIGMA
+    noise: float = NOISE
+
+
+# Ranges of `varied_look`, as factors of the defaults. A generator's videos differ from rendered ones in exactly
+# these (PRFL against a PAVRM that never saw them grew wide, bright, noisy objects: README, PRFL fine-tuning).
+VARIED_LOOK = {"amplitude": (0.8, 1.25), "blob_sigma": (0.75, 1.6), "noise": (0.5, 4.0)}
+
+
+def varied_look(seed: int) -> Look:
+    """A look drawn from a sample's seed alone, whatever its motion kind, so that no look goes with a label."""
+    g = _seeded("look", seed)
+    default = Look()
+    return Look(**{name: getattr(default, name) * (lo + (hi - lo) * torch.rand(1, generator=g).item())
+                   for name, (lo, hi) in VARIED_LOOK.items()})
 
 
 def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SHAPE,
@@ -185,18 +207,18 @@ def _jump(path: list[list[tuple]], g: torch.Generator, uniform, height: int, wid
 
 
 def render(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SHAPE,
-           speed: float | None = None) -> torch.Tensor:
+           speed: float | None = None, look: Look = Look()) -> torch.Tensor:
     """A latent video [16, F, H, W]: scene background + the object along its trajectory (at `speed`, if given) +
-    small noise, scaled by LATENT_SCALE."""
+    small noise, as bright, wide and noisy as `look` says, scaled by LATENT_SCALE."""
     p = parse_prompt(prompt)
     frames, height, width = shape
     video = scene_background(p.scene, shape)
     signature = colour_signature(p.colour).view(-1, 1, 1)
     for f, centres in enumerate(trajectory(prompt, motion, seed, shape, speed)):
         for cy, cx in centres:
-            video[:, f] += AMPLITUDE * signature * _blob(height, width, cy, cx)
+            video[:, f] += look.amplitude * signature * _blob(height, width, cy, cx, look.blob_sigma)
     noise = torch.randn(video.shape, generator=_seeded("noise", prompt, motion, seed))
-    return LATENT_SCALE * (video + NOISE * noise)
+    return LATENT_SCALE * (video + look.noise * noise)
 
 
 # (physics_quality, human_quality) per motion, 1 = qualified, as in the reference meta files: jitter breaks physics,
@@ -213,10 +235,12 @@ def labels(motion: str) -> dict:
 
 class SyntheticMotion(torch.utils.data.Dataset):
     """Rendered on the fly: sample i is PROMPTS[i % 48] with motion motions[(i // 48) % len(motions)] (an even mix)
-    and seed `seed * 1_000_003 + i`. Its dict also carries the labels (as tensors) for reward-model training."""
+    and seed `seed * 1_000_003 + i`, with the benchmark's look or, with `varied_looks` (reward-model data), a look
+    drawn per sample (`varied_look`). Its dict also carries the labels (as tensors) for reward-model training."""
 
-    def __init__(self, num_samples: int, seed: int = 0, motions: tuple[str, ...] = MOTIONS) -> None:
-        self.num_samples, self.seed, self.motions = num_samples, seed, motions
+    def __init__(self, num_samples: int, seed: int = 0, motions: tuple[str, ...] = MOTIONS,
+                 varied_looks: bool = False) -> None:
+        self.num_samples, self.seed, self.motions, self.varied_looks = num_samples, seed, motions, varied_looks
         self.null_context = null_prompt_embedding()
 
     def __len__(self) -> int:
@@ -230,7 +254,8 @@ class SyntheticMotion(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         prompt, motion, seed = self.describe(index)
         label = labels(motion)
-        return {"latents": render(prompt, motion, seed), "context": encode_prompt(prompt),
+        look = varied_look(seed) if self.varied_looks else Look()
+        return {"latents": render(prompt, motion, seed, look=look), "context": encode_prompt(prompt),
                 **{k: torch.tensor(float(label[k])) for k in ("physics_quality", "human_quality", "motion_quality")}}
 
 

@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 
 from engine.data import LatentListDataset
 from engine.dit import DiT
-from engine.synthetic import (JUMP, KINDS, MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, MOTIONS, PROMPTS, SHAPE,
-                              SPEED, VOCABULARY, SyntheticMotion, encode_prompt, generate, held_out_pairs, judge,
-                              labels, render, summarize, trajectory)
+from engine.synthetic import (JUMP, KINDS, LATENT_SCALE, MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, MOTIONS,
+                              PROMPTS, SHAPE, SPEED, VARIED_LOOK, VOCABULARY, Look, SyntheticMotion, colour_signature,
+                              encode_prompt, generate, held_out_pairs, judge, labels, parse_prompt, render,
+                              scene_background, summarize, trajectory, varied_look)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +94,33 @@ def test_summary_medians_tell_moving_from_placed_anew():
     assert jitter["median_max_acceleration_px"] > MAX_ACCELERATION and jitter["median_max_jump_px"] > MAX_JUMP
     assert static["median_displacement_px"] < 0.5
     assert math.isnan(vanish["median_direction_cosine"])  # never tracked in every frame: nothing to measure
+
+
+def test_varied_looks_change_brightness_width_and_noise_but_not_the_motion_or_the_labels():
+    looks = [varied_look(seed) for seed in range(200)]
+    default = Look()
+    for name, (lo, hi) in VARIED_LOOK.items():
+        factors = torch.tensor([getattr(look, name) / getattr(default, name) for look in looks])
+        assert lo <= factors.min() and factors.max() <= hi and factors.max() - factors.min() > 0.8 * (hi - lo), name
+    assert varied_look(5) == varied_look(5) and varied_look(5) != varied_look(6)
+
+    prompt = "a yellow ball moving down in the beach"
+    look = Look(amplitude=2.0, blob_sigma=2.0, noise=0.0)
+    video = render(prompt, "smooth", 4, look=look) / LATENT_SCALE - scene_background(parse_prompt(prompt).scene)
+    (cy, cx), = trajectory(prompt, "smooth", 4)[0]
+    response = torch.einsum("chw,c->hw", video[:, 0], colour_signature("yellow"))
+    assert response[round(cy), round(cx)] == pytest.approx(2.0 * math.exp(-((round(cy) - cy) ** 2 + (round(cx) - cx) ** 2)
+                                                                          / (2 * 2.0**2)), rel=1e-4)
+    torch.testing.assert_close(render(prompt, "smooth", 4), render(prompt, "smooth", 4, look=Look()), rtol=0, atol=0)
+
+    plain, varied = SyntheticMotion(96, seed=3), SyntheticMotion(96, seed=3, varied_looks=True)
+    for index in (0, 50, 95):
+        prompt, motion, seed = varied.describe(index)
+        sample = varied[index]
+        torch.testing.assert_close(sample["latents"], render(prompt, motion, seed, look=varied_look(seed)))
+        assert not torch.equal(sample["latents"], plain[index]["latents"])
+        assert {k: sample[k] for k in ("physics_quality", "human_quality", "motion_quality")} == {
+            k: plain[index][k] for k in ("physics_quality", "human_quality", "motion_quality")}
 
 
 def test_rendering_and_judging_are_deterministic():
