@@ -1,6 +1,6 @@
 """The synthetic benchmark's own models, trained when a run needs them: the base generator (runners/sft.py with
-each of `bootstrap.base_recipes` in turn) and its PAVRM (runners/pavrm.py with `bootstrap.reward_recipe`, trunk
-from that generator).
+each of `bootstrap.base_recipes` in turn) and its PAVRM (runners/pavrm.py with `bootstrap.reward_recipe` and
+`bootstrap.reward_overrides`, trunk from that generator).
 
     python runners/synthetic.py bootstrap --out assets/synthetic [key=value ...]    # writes base/ and pavrm/
     ensure_assets(run_config)     # runners/prfl.py: rank 0 trains what is missing, the other ranks wait for it
@@ -65,9 +65,10 @@ def bootstrap(config: BootstrapConfig, base: Path, reward: Path, work: Path) -> 
                            [f"model.path={export}"] if export else [])
         install(export, base)
     if not reward.exists():
-        print(f"{reward} missing: training it with runners/pavrm.py --config {config.reward_recipe} (about "
-              f"{config.reward_minutes:g} min)", flush=True)
-        install(train("pavrm.py", config.reward_recipe, config, work / "pavrm", [f"model.path={base}"]), reward)
+        print(f"{reward} missing: training it with runners/pavrm.py --config {config.reward_recipe} "
+              f"{' '.join(config.reward_overrides)} (about {config.reward_minutes:g} min)", flush=True)
+        install(train("pavrm.py", config.reward_recipe, config, work / "pavrm",
+                      [f"model.path={base}", *config.reward_overrides]), reward)
 
 
 def ensure_assets(config: RunConfig) -> None:

@@ -294,6 +294,9 @@ class BootstrapConfig:
     base_recipes: list[str] = field(default_factory=lambda: ["configs/synthetic-base-smooth.yaml",
                                                              "configs/synthetic-base.yaml"])
     reward_recipe: str = "configs/pavrm-synthetic.yaml"  # runners/pavrm.py recipe (its trunk: the base generator)
+    # key=value for the PAVRM trainer alone, after its recipe: PRFL's PAVRM learns from videos of varied looks,
+    # which PRFL hacks less than a PAVRM that saw plain renders only (README, PRFL fine-tuning)
+    reward_overrides: list[str] = field(default_factory=lambda: ["data.synthetic_varied_looks=true"])
     ds_config: str = "ds_configs/z2.json"  # both trainers run on one rank
     overrides: list[str] = field(default_factory=list)  # key=value for both trainers, e.g. train.steps=2
     base_minutes: float = 4.5  # rough duration of the base recipes (2 CPU cores), printed before they start
@@ -303,9 +306,10 @@ class BootstrapConfig:
     def __post_init__(self) -> None:
         if not self.base_recipes:
             raise ConfigError("bootstrap.base_recipes is empty: expected at least one runners/sft.py recipe")
-        bad = [o for o in self.overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"bootstrap.overrides: {bad[0]!r} is not key=value, e.g. train.steps=2")
+        for key in ("overrides", "reward_overrides"):
+            bad = [o for o in getattr(self, key) if "=" not in o]
+            if bad:
+                raise ConfigError(f"bootstrap.{key}: {bad[0]!r} is not key=value, e.g. train.steps=2")
         if self.wait_minutes <= 0:
             raise ConfigError(f"bootstrap.wait_minutes={self.wait_minutes}: expected a positive number")
 

@@ -45,6 +45,9 @@ def test_bootstrap_writes_a_loadable_generator_and_a_reward_model_with_its_trunk
     for name in ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight"):
         torch.testing.assert_close(reward.trunk.state_dict()[name], base.state_dict()[name], rtol=0, atol=0)
     assert not list(assets.glob(".*"))  # no staging folder left behind
+    pavrm_run = load_config(assets.parent / "work/pavrm/config.yaml")  # the recipe with bootstrap.reward_overrides
+    assert pavrm_run.data.synthetic_varied_looks
+    assert not load_config(ROOT / "configs/pavrm-synthetic.yaml").data.synthetic_varied_looks
 
 
 def test_each_base_recipe_starts_from_the_one_before(assets):
@@ -109,6 +112,8 @@ def test_bootstrap_config_errors_name_the_field():
         load_config(None, ["bootstrap.enabled=true"])
     with pytest.raises(ConfigError, match="bootstrap.overrides: 'train.steps' is not key=value"):
         load_config(None, ["bootstrap.overrides=[train.steps]"])
+    with pytest.raises(ConfigError, match="bootstrap.reward_overrides: 'bt' is not key=value"):
+        load_config(None, ["bootstrap.reward_overrides=[bt]"])
     with pytest.raises(ConfigError, match="bootstrap.base_recipes is empty"):
         load_config(None, ["bootstrap.base_recipes=[]"])
     assert load_config(ROOT / "configs/prfl-synthetic.yaml").bootstrap.enabled
