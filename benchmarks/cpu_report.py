@@ -4,6 +4,7 @@ a table), in benchmarks/results or, for a smoke run without --out, in a temporar
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -31,3 +32,8 @@ def write_report(name: str, report: dict, markdown: str, out: Path | None, smoke
 def commands(runs: list[dict]) -> list[str]:
     """The Markdown lines that end a report: each run's command line, to rerun it."""
     return ["", "Commands (from the repository root):", "", *(f"    python {run['command']}" for run in runs)]
+
+
+def cell(value: float | None) -> str:
+    """A table figure; '-' where nothing was measured (None, or nan: e.g. no sample the judge could track)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}"

@@ -11,7 +11,7 @@ The PAVRM scores clean latents (sigma 0) of the held-out (prompt, seed) pairs:
 - each named generator's samples on the same pairs (the PRFL recipe's chain: 10 UniPC steps), judged: pass rate,
   median distance travelled, the PAVRM's median logit on passed and failed samples, the ROC-AUC of the logit
   against the judge's verdict (0.5: no better than chance), and the share of samples that score above the median
-  rendered smooth video.
+  rendered smooth video at the data's top speed.
 
 A PAVRM that ranks speeds correctly on rendered videos but scores a generator's failed samples above the real thing
 is being hacked: PRFL against it optimises something other than what the judge passes.
@@ -21,13 +21,12 @@ Writes benchmarks/results/pavrm_shift-cpu.json and .md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from cpu_report import machine, write_report
+from cpu_report import cell, machine, write_report
 from engine.dit import DiT
 from engine.flow import timestep_from_sigma
 from engine.reward import RewardModel
@@ -49,7 +48,9 @@ def logits(reward_model: RewardModel, latents: torch.Tensor, prompts: list[str],
 
 
 def median(values: torch.Tensor) -> float | None:
-    return values.median().item() if len(values) else None
+    """Median of the measured values (nan: not measured); None where there are none."""
+    measured = values[~values.isnan()]
+    return measured.median().item() if len(measured) else None
 
 
 def rendered_speeds(reward_model: RewardModel, pairs: list[tuple[str, int]]) -> list[dict]:
@@ -71,14 +72,10 @@ def generator_row(name: str, path: Path, reward_model: RewardModel, pairs: list[
     passed = torch.tensor([v.passed for v in verdicts])
     distances = torch.tensor([v.displacement for v in verdicts])
     return {"name": name, "path": str(path), "pass_rate": passed.float().mean().item(),
-            "median_distance_px": distances.nanmedian().item(), "median_logit_passed": median(scores[passed]),
+            "median_distance_px": median(distances), "median_logit_passed": median(scores[passed]),
             "median_logit_failed": median(scores[~passed]),
             "auc": roc_auc(scores, passed.float()) if 0 < passed.sum() < len(passed) else None,
             "above_rendered_smooth": (scores > smooth_median).float().mean().item()}
-
-
-def cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def markdown(report: dict) -> str:
@@ -91,7 +88,8 @@ def markdown(report: dict) -> str:
     lines += [f"| {r['speed_px_per_frame']:.2f} | {r['distance_px']:.2f} | {cell(r['median_logit'])} |"
               for r in report["rendered"]]
     lines += ["", f"Generators' samples ({report['steps']} UniPC steps), judged; AUC: the logit against the judge's "
-              "verdict; above smooth: share scoring above the median rendered smooth video:", "",
+              "verdict; above smooth: share scoring above the median rendered smooth video at "
+              f"{SPEEDS[-1]} px per frame:", "",
               "| generator | pass | median distance (px) | median logit, passed | median logit, failed | AUC | "
               "above smooth |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {g['name']} | {g['pass_rate']:.2f} | {cell(g['median_distance_px'])} | "
@@ -128,7 +126,8 @@ def main() -> int:
     pairs = held_out_pairs(pairs_count)
     rendered = rendered_speeds(reward_model, pairs)
     smooth_median = rendered[-1]["median_logit"]
-    report = {**machine(), "smoke": args.smoke, "reward": str(args.reward), "pairs": pairs_count, "steps": steps, "rendered": rendered,
+    report = {**machine(), "smoke": args.smoke, "reward": str(args.reward), "pairs": pairs_count, "steps": steps,
+              "rendered": rendered,
               "generators": [generator_row(name, path, reward_model, pairs, steps, smooth_median)
                              for name, path in args.generator],
               "command": " ".join(["benchmarks/pavrm_shift.py", *sys.argv[1:]])}

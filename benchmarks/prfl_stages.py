@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpu_report import commands, machine, write_report
+from cpu_report import cell, commands, machine, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("all", "early", "middle", "late", "last_quarter")
@@ -46,11 +45,6 @@ def train(stage: str, base: Path, reward: Path, run_dir: Path, overrides: list[s
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return {"stage": stage, "command": " ".join(cmd[1:]), "seconds": round(time.time() - started, 1),
             **json.loads((ROOT / run_dir / "summary.json").read_text())}
-
-
-def cell(value: float | None) -> str:
-    """A table figure; '-' where the judge measured nothing (e.g. diversity when no prompt has two seeds)."""
-    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
 def markdown(report: dict) -> str:

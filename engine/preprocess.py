@@ -380,14 +380,17 @@ def run(config: PreprocessConfig, progress: bool = True) -> int:
             dist.all_gather_object(gathered, reports)
             reports = [report for part in gathered for report in part]
         status = 0
-        if rank == 0:
-            summary = finish(config, records, reports, encoders.text.encode([""])[0])
-            print(summary_line(summary, root, config.split), flush=True)
-            status = 1 if summary["failed"] or not summary["listed"] else 0
-        if world > 1:
-            # Every rank tears the group down at the same point: a rank that leaves while another still uses the
-            # group can abort in gloo ("terminate called without an active exception").
-            dist.barrier()
+        try:
+            if rank == 0:
+                summary = finish(config, records, reports, encoders.text.encode([""])[0])
+                print(summary_line(summary, root, config.split), flush=True)
+                status = 1 if summary["failed"] or not summary["listed"] else 0
+        finally:
+            if world > 1:
+                # Every rank tears the group down at the same point, also when rank 0 failed: a rank that leaves
+                # while another still uses the group can abort in gloo ("terminate called without an active
+                # exception"), and one left waiting would wait out GATHER_TIMEOUT.
+                dist.barrier()
         return status
     finally:
         if dist.is_initialized():

@@ -151,7 +151,8 @@ def varied_look(seed: int) -> Look:
 def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SHAPE,
                speed: float | None = None) -> list[list[tuple]]:
     """Per frame, the list of blob centres (y, x): one centre, or none where the object vanished. `speed` (latent
-    pixels per frame) replaces the draw from SPEED, e.g. to render paths slower than the data's."""
+    pixels per frame, >= 0) replaces the draw from SPEED, e.g. to render paths slower than the data's; the start is
+    then drawn for that speed's travel, so it is not the default path's start."""
     if motion not in KINDS:
         raise ValueError(f"motion {motion!r}: expected one of {', '.join(KINDS)}")
     p = parse_prompt(prompt)
@@ -166,6 +167,8 @@ def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] 
         others = [d for d in DIRECTIONS if d != p.direction]
         direction = others[int(torch.randint(len(others), (1,), generator=g))]
     dy, dx = DIRECTIONS[direction]
+    if speed is not None and speed < 0:
+        raise ValueError(f"speed={speed}: expected latent pixels per frame >= 0")
     speed = uniform(*SPEED) if speed is None else speed
     travel = speed * (frames - 1)
 

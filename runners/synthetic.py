@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("folder", type=Path)
     p.set_defaults(run=judge_folder)
     p = commands.add_parser("bootstrap", help="train the base generator (configs/synthetic-base-smooth.yaml, then "
-                            "configs/synthetic-base.yaml) and its PAVRM (configs/pavrm-synthetic.yaml) into "
+                            "configs/synthetic-base.yaml) and its PAVRM (configs/pavrm-synthetic.yaml with "
+                            "bootstrap.reward_overrides: varied looks) into "
                             "OUT/base and OUT/pavrm, whichever is missing")
     p.add_argument("--out", type=Path, default=Path("assets/synthetic"))
     p.add_argument("--work", type=Path, default=Path("outputs/bootstrap"), help="the two training runs' folders")

@@ -187,12 +187,14 @@ def test_synthetic_pairs_set_each_bad_kind_against_the_smooth_video_of_its_promp
     assert rounds == {(0, 0), (1, 1)}
     with pytest.raises(ConfigError, match=r"data.synthetic_motions=\['smooth', 'sideways'\]: expected motion kinds"):
         load_config(None, ["data.synthetic_motions=[smooth,sideways]"])
+
+
+def test_varied_looks_are_for_training_samples_only():
+    varied = load_config(None, ["data.source=synthetic", "data.synthetic_varied_looks=true", "data.num_samples=4"])
+    assert labelled_dataset(varied, varied.data, randomized_dit("tiny").config, seed=0).varied_looks
+    assert not validation_dataset(varied, randomized_dit("tiny").config).varied_looks  # the benchmark's own renders
     with pytest.raises(ConfigError, match="data.synthetic_varied_looks with data.source='random'"):
         load_config(None, ["data.synthetic_varied_looks=true"])
-    varied = load_config(None, ["data.source=synthetic", "data.synthetic_varied_looks=true", "data.num_samples=4"])
-    dataset = labelled_dataset(varied, varied.data, randomized_dit("tiny").config, seed=0)
-    assert dataset.varied_looks  # the reward run's data draws its looks; validation scores plain renders
-    assert not validation_dataset(varied, randomized_dit("tiny").config).varied_looks
 
 
 def test_ce_step_is_binary_cross_entropy_on_the_task_label():

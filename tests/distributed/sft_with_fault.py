@@ -10,7 +10,6 @@ import argparse
 import importlib.util
 import os
 import signal
-import sys
 from pathlib import Path
 
 import engine.trainer as trainer_module
