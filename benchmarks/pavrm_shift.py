@@ -21,6 +21,7 @@ Writes benchmarks/results/pavrm_shift-cpu.json and .md.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from engine.dit import DiT
 from engine.flow import timestep_from_sigma
 from engine.reward import RewardModel
 from engine.reward_training import roc_auc
-from engine.synthetic import MIN_DISPLACEMENT, SHAPE, SPEED, encode_prompt, generate, held_out_pairs, judge, render
+from engine.synthetic import (MIN_DISPLACEMENT, SHAPE, SPEED, encode_prompt, generate, held_out_pairs, judge, render,
+                              summarize)
 
 SPEEDS = (0.0, 0.15, 0.3, 0.45, 0.6, SPEED[1])
 
@@ -48,9 +50,8 @@ def logits(reward_model: RewardModel, latents: torch.Tensor, prompts: list[str],
 
 
 def median(values: torch.Tensor) -> float | None:
-    """Median of the measured values (nan: not measured); None where there are none."""
-    measured = values[~values.isnan()]
-    return measured.median().item() if len(measured) else None
+    """Median of the logits; None where there are none (e.g. no sample passed)."""
+    return values.median().item() if len(values) else None
 
 
 def rendered_speeds(reward_model: RewardModel, pairs: list[tuple[str, int]]) -> list[dict]:
@@ -70,9 +71,11 @@ def generator_row(name: str, path: Path, reward_model: RewardModel, pairs: list[
     verdicts = [judge(video, prompt) for video, prompt in zip(videos, prompts)]
     scores = logits(reward_model, videos, prompts)
     passed = torch.tensor([v.passed for v in verdicts])
-    distances = torch.tensor([v.displacement for v in verdicts])
-    return {"name": name, "path": str(path), "pass_rate": passed.float().mean().item(),
-            "median_distance_px": median(distances), "median_logit_passed": median(scores[passed]),
+    judged = summarize(verdicts, prompts)
+    distance = judged["median_displacement_px"]  # nan where no sample was tracked: null in the JSON
+    return {"name": name, "path": str(path), "pass_rate": judged["pass_rate"],
+            "median_distance_px": None if math.isnan(distance) else distance,
+            "median_logit_passed": median(scores[passed]),
             "median_logit_failed": median(scores[~passed]),
             "auc": roc_auc(scores, passed.float()) if 0 < passed.sum() < len(passed) else None,
             "above_rendered_smooth": (scores > smooth_median).float().mean().item()}
