@@ -32,7 +32,8 @@ class ModelConfig:
     preset: str = "tiny"  # architecture from engine.dit.PRESETS, used when `path` is not set
     path: str | None = None  # local Wan2.1 / diffusers checkpoint (folder or .safetensors); its config wins
     attention_backend: Literal["sdpa", "flash"] = "sdpa"  # flash needs the `gpu` extra
-    kernel_backend: Literal["auto", "torch", "triton"] = "auto"  # fused norms/modulation; auto: triton on CUDA
+    kernel_backend: Literal["auto", "torch", "triton"] = "auto"  # fused norms/modulation/rotary; auto: triton
+    # for tensors on a CUDA device, plain PyTorch for the rest
 
     def __post_init__(self) -> None:
         if self.path is None and self.preset not in PRESETS:

@@ -49,7 +49,9 @@ class DiTConfig:
     eps: float = 1e-6  # epsilon of every norm
     clip_dim: int = 1280  # CLIP token width (i2v)
     attention_backend: Literal["sdpa", "flash"] = "sdpa"  # runtime choice, not saved with the weights
-    kernel_backend: Literal["auto", "torch", "triton"] = "auto"  # norms/modulation; auto: triton on CUDA, else torch
+    # norms, modulation, rotary: the fused Triton kernels or plain PyTorch; auto decides per call, Triton for
+    # tensors on a CUDA device (so a model on the CPU of a GPU machine still runs)
+    kernel_backend: Literal["auto", "torch", "triton"] = "auto"
 
     RUNTIME_FIELDS = ("attention_backend", "kernel_backend")
 
@@ -66,12 +68,6 @@ class DiTConfig:
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"DiTConfig.kernel_backend={self.kernel_backend!r}: expected 'auto', 'torch' or 'triton'")
 
-    @property
-    def kernels(self) -> str:
-        """The kernel backend in effect: 'triton' or 'torch'."""
-        if self.kernel_backend == "auto":
-            return "triton" if torch.cuda.is_available() else "torch"
-        return self.kernel_backend
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
@@ -107,15 +103,21 @@ PRESETS: dict[str, DiTConfig] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Elementwise pieces: plain PyTorch in fp32, or the fused Triton kernels of `kernels/` (kernels="triton").
+# Elementwise pieces: plain PyTorch in fp32, or the fused Triton kernels of `kernels/`. `kernels` is the configured
+# backend (DiTConfig.kernel_backend); `use_triton` resolves it for the tensor at hand.
+
+
+def use_triton(kernels: str, x: torch.Tensor) -> bool:
+    """Whether the Triton kernels run on x: always with 'triton', with 'auto' when x is on a CUDA device."""
+    return kernels == "triton" or (kernels == "auto" and x.is_cuda)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str = "torch") -> torch.Tensor:
     """RMSNorm over the last dim; fp32 result with torch, x's dtype with triton."""
-    if kernels == "triton":
-        from kernels.rms_norm import rms_norm as fused
+    if use_triton(kernels, x):
+        from kernels.rms_norm import rms_norm as triton_rms_norm
 
-        return fused(x, weight, eps)
+        return triton_rms_norm(x, weight, eps)
     x = x.float()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
@@ -124,10 +126,10 @@ def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
                          kernels: str = "torch") -> torch.Tensor:
     """`LayerNorm(x) * (1 + scale) + shift` (no affine) of the fp32 residual stream x [B, S, D]; shift/scale
     [B, 1, D]; fp32 result."""
-    if kernels == "triton":
-        from kernels.modulated_layer_norm import modulated_layer_norm as fused
+    if use_triton(kernels, x):
+        from kernels.modulated_layer_norm import modulated_layer_norm as triton_modulated_layer_norm
 
-        return fused(x.float(), shift, scale, eps)
+        return triton_modulated_layer_norm(x.float(), shift, scale, eps)
     x = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
     return x * (1 + scale) + shift
 
@@ -137,10 +139,10 @@ def residual_modulated_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual update `x + gate * y` (gate None: plain add) and the modulated LayerNorm of its result, fused
     into one pass with triton; returns (new fp32 residual stream, normalised and modulated fp32 activations)."""
-    if kernels == "triton":
-        from kernels.modulated_layer_norm import residual_modulated_layer_norm as fused
+    if use_triton(kernels, x):
+        from kernels.modulated_layer_norm import residual_modulated_layer_norm as triton_residual
 
-        return fused(x.float(), y, gate, shift, scale, eps)
+        return triton_residual(x.float(), y, gate, shift, scale, eps)
     x = x + (y.float() if gate is None else y.float() * gate)
     return x, modulated_layer_norm(x, shift, scale, eps)
 
@@ -177,10 +179,10 @@ def rope_for_grid(grid: tuple[int, int, int], head_dim: int, device: torch.devic
 
 def apply_rope(x: torch.Tensor, rope: Rope, kernels: str = "torch") -> torch.Tensor:
     """Rotate adjacent pairs of x [B, S, N, Dh] by the phases; fp32 result with torch, x's dtype with triton."""
-    if kernels == "triton":
-        from kernels.rope import apply_rope as fused
+    if use_triton(kernels, x):
+        from kernels.rope import apply_rope as triton_rope
 
-        return fused(x, rope.cos, rope.sin)
+        return triton_rope(x, rope.cos, rope.sin)
     x = x.float().unflatten(-1, (-1, 2))
     real, imag = x[..., 0], x[..., 1]
     return torch.stack((real * rope.cos - imag * rope.sin, real * rope.sin + imag * rope.cos), dim=-1).flatten(-2)
@@ -247,10 +249,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         dim, self.num_heads = cfg.dim, cfg.num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, cfg.eps, cfg.kernels) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, cfg.eps, cfg.kernels) if cfg.qk_norm else nn.Identity()
+        self.norm_q = RMSNorm(dim, cfg.eps, cfg.kernel_backend) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, cfg.eps, cfg.kernel_backend) if cfg.qk_norm else nn.Identity()
         self.attn = Attention(cfg.attention_backend)
-        self.kernels = cfg.kernels
+        self.kernels = cfg.kernel_backend
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """x [B, S, D] (fp32) -> [B, S, D] in the parameters' dtype."""
@@ -269,12 +271,12 @@ class CrossAttention(nn.Module):
         super().__init__()
         dim, self.num_heads, self.backend = cfg.dim, cfg.num_heads, cfg.attention_backend
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, cfg.eps, cfg.kernels) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, cfg.eps, cfg.kernels) if cfg.qk_norm else nn.Identity()
+        self.norm_q = RMSNorm(dim, cfg.eps, cfg.kernel_backend) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, cfg.eps, cfg.kernel_backend) if cfg.qk_norm else nn.Identity()
         self.image = cfg.model_type == "i2v"
         if self.image:
             self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
-            self.norm_k_img = RMSNorm(dim, cfg.eps, cfg.kernels) if cfg.qk_norm else nn.Identity()
+            self.norm_k_img = RMSNorm(dim, cfg.eps, cfg.kernel_backend) if cfg.qk_norm else nn.Identity()
 
     def _heads(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return x.to(dtype).unflatten(-1, (self.num_heads, -1))
@@ -299,7 +301,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.eps, self.kernels = cfg.eps, cfg.kernels
+        self.eps, self.kernels = cfg.eps, cfg.kernel_backend
         self.self_attn = SelfAttention(cfg)
         self.norm3 = nn.LayerNorm(cfg.dim, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(cfg)
@@ -324,7 +326,7 @@ class Block(nn.Module):
 class Head(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.eps, self.kernels = cfg.eps, cfg.kernels
+        self.eps, self.kernels = cfg.eps, cfg.kernel_backend
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 

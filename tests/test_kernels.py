@@ -14,10 +14,11 @@ import torch
 from conftest import dit_inputs, randomized_dit
 from engine.dit import DiT, DiTConfig, rope_for_grid
 from engine.dit import apply_rope as dit_apply_rope
-from kernels.modulated_layer_norm import (modulated_layer_norm, modulated_layer_norm_reference,
+from kernels.modulated_layer_norm import (ModulatedLayerNormFunction, ResidualModulatedLayerNormFunction,
+                                          modulated_layer_norm, modulated_layer_norm_reference,
                                           residual_modulated_layer_norm, residual_modulated_layer_norm_reference)
-from kernels.rms_norm import rms_norm, rms_norm_reference
-from kernels.rope import apply_rope, apply_rope_reference
+from kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
+from kernels.rope import RopeFunction, apply_rope, apply_rope_reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # Odd shapes: a non-power-of-two odd hidden size, Wan 1.3B's and 14B's hidden sizes.
@@ -80,7 +81,6 @@ def test_dit_with_triton_kernels_matches_torch(preset):
     torch_model = randomized_dit(preset, kernel_backend="torch").train()
     triton_model = DiT(dataclasses.replace(torch_model.config, kernel_backend="triton")).train()
     triton_model.load_state_dict(torch_model.state_dict())
-    assert triton_model.blocks[0].self_attn.norm_q.kernels == "triton"
     inputs = dit_inputs(torch_model.config, batch=1, frames=3)
     outputs = []
     for model in (torch_model, triton_model):
@@ -92,11 +92,41 @@ def test_dit_with_triton_kernels_matches_torch(preset):
         assert_close_relative(outputs[1][1][name], grad, 1e-4, name)
 
 
-def test_kernel_backend_auto_is_triton_only_on_cuda():
-    assert DiTConfig(kernel_backend="auto").kernels == ("triton" if torch.cuda.is_available() else "torch")
-    assert DiTConfig(kernel_backend="triton").kernels == "triton"
+KERNEL_FUNCTIONS = {"rms_norm": RMSNormFunction, "modulated_layer_norm": ModulatedLayerNormFunction,
+                    "residual_modulated_layer_norm": ResidualModulatedLayerNormFunction, "rope": RopeFunction}
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls of each Triton kernel's autograd function (which still runs)."""
+    calls = dict.fromkeys(KERNEL_FUNCTIONS, 0)
+    for name, function in KERNEL_FUNCTIONS.items():
+        def counted(*args, _name=name, _apply=function.apply):
+            calls[_name] += 1
+            return _apply(*args)
+        monkeypatch.setattr(function, "apply", counted)
+    return calls
+
+
+def test_auto_backend_runs_plain_pytorch_for_cpu_tensors_on_a_machine_with_cuda(monkeypatch, kernel_calls):
+    """A GPU machine's CPU-side uses of the DiT (tests, sampling on --device cpu, the memory model) must not reach
+    Triton, which cannot run CPU tensors there: `auto` decides per call from the tensor's device."""
+    reference = randomized_dit("tiny-i2v", kernel_backend="torch")
+    inputs = dit_inputs(reference.config, batch=1, frames=3)
+    expected = reference(**inputs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    auto = DiT(dataclasses.replace(reference.config, kernel_backend="auto")).eval()
+    auto.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(auto(**inputs), expected, rtol=0, atol=0)
+    assert set(kernel_calls.values()) == {0}
     with pytest.raises(ValueError, match="kernel_backend='cuda'"):
         DiTConfig(kernel_backend="cuda")
+
+
+def test_triton_backend_runs_every_kernel_whatever_the_device(kernel_calls):
+    model = randomized_dit("tiny", kernel_backend="triton")
+    model(**dit_inputs(model.config, batch=1, frames=3))
+    assert all(kernel_calls.values()), kernel_calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
