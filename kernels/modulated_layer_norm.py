@@ -6,6 +6,7 @@ x is [..., N] viewed as rows; shift and scale are [G, N], one vector per group o
 sample's tokens, or a frame's for models that modulate per frame). Forward saves x and two fp32 numbers a row
 (mean, 1/std). Backward, with x_hat = (x - mean) * rstd and g = dy * (1 + scale):
     dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)),  dscale = sum_group dy * x_hat,  dshift = sum_group dy
+Rows are tiled as kernels/rows.py says; the column sums are reduced per program into fp32 partials, then summed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.rows import load_row, num_warps, reduction_programs, row_sum, row_tiles, store_row
 
 
 def modulated_layer_norm_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -22,63 +25,73 @@ def modulated_layer_norm_reference(x: torch.Tensor, shift: torch.Tensor, scale: 
     return (y * (1 + scale.float()) + shift.float()).to(x.dtype)
 
 
+# Per thread at most this many values of a row: no register spill at Wan's widths (sm_80, sm_90;
+# benchmarks/kernel_compile.py). The backward kernels carry two or three column sums across their rows.
+FORWARD_PER_THREAD = 16
+BACKWARD_PER_THREAD = 8
+
+
 @triton.jit
-def _normalize_and_store(x, row, group, cols, mask, n_cols, eps, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr):
-    """Shared by both forward kernels: row statistics of the fp32 row x, then the modulated output."""
-    mean = tl.sum(x, axis=0) / n_cols
-    centred = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
-    shift = tl.load(shift_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+def _normalize_and_store(xa, xb, row, group, head, tail, n_cols, eps, shift_ptr, scale_ptr, y_ptr, mean_ptr,
+                         rstd_ptr):
+    """Shared by both forward kernels: row statistics of the fp32 row (xa, xb), then the modulated output."""
+    mean = row_sum(xa, xb) / n_cols
+    ca, cb = xa - mean, tl.where(tail < n_cols, xb - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(row_sum(ca * ca, cb * cb) / n_cols + eps)
+    shift_a, shift_b = load_row(shift_ptr + group * n_cols, head, tail, n_cols)
+    scale_a, scale_b = load_row(scale_ptr + group * n_cols, head, tail, n_cols)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
-    tl.store(y_ptr + row * n_cols + cols, (centred * rstd * (1 + scale) + shift).to(y_ptr.dtype.element_ty),
-             mask=mask)
+    store_row(y_ptr + row * n_cols, head, tail, n_cols, ca * rstd * (1 + scale_a) + shift_a,
+              cb * rstd * (1 + scale_b) + shift_b)
 
 
 @triton.jit
-def _norm_grad(x, dy, mean, rstd, scale, mask, n_cols):
-    """Shared by both backward kernels: (x_hat, gradient through the modulated LayerNorm) of one row."""
-    x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
-    g = dy * (1 + scale)
-    return x_hat, rstd * (g - tl.sum(g, axis=0) / n_cols - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+def _norm_grad(xa, xb, dya, dyb, mean, rstd, scale_a, scale_b, tail, n_cols):
+    """Shared by both backward kernels: x_hat and the gradient through the modulated LayerNorm, per tile."""
+    xha, xhb = (xa - mean) * rstd, tl.where(tail < n_cols, (xb - mean) * rstd, 0.0)
+    ga, gb = dya * (1 + scale_a), dyb * (1 + scale_b)
+    c1, c2 = row_sum(ga, gb) / n_cols, row_sum(ga * xha, gb * xhb) / n_cols
+    return xha, xhb, rstd * (ga - c1 - xha * c2), rstd * (gb - c1 - xhb * c2)
 
 
 @triton.jit
 def _forward(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, n_cols, rows_per_group, eps,
-             BLOCK: tl.constexpr):
+             HEAD: tl.constexpr, TAIL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    _normalize_and_store(x, row, row // rows_per_group, cols, mask, n_cols, eps, shift_ptr, scale_ptr, y_ptr,
+    head, tail = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
+    xa, xb = load_row(x_ptr + row * n_cols, head, tail, n_cols)
+    _normalize_and_store(xa, xb, row, row // rows_per_group, head, tail, n_cols, eps, shift_ptr, scale_ptr, y_ptr,
                          mean_ptr, rstd_ptr)
 
 
 @triton.jit
 def _backward(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, dshift_ptr, dscale_ptr, n_cols,
-              rows_per_group, rows_per_program, programs_per_group, BLOCK: tl.constexpr):
+              rows_per_group, rows_per_program, programs_per_group, HEAD: tl.constexpr, TAIL: tl.constexpr):
     group = tl.program_id(0)
     chunk = tl.program_id(1)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    scale = tl.load(scale_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    dshift = tl.zeros([BLOCK], dtype=tl.float32)
-    dscale = tl.zeros([BLOCK], dtype=tl.float32)
+    head, tail = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
+    dshift_a, dshift_b = tl.zeros([HEAD], dtype=tl.float32), tl.zeros([TAIL], dtype=tl.float32)
+    dscale_a, dscale_b = tl.zeros([HEAD], dtype=tl.float32), tl.zeros([TAIL], dtype=tl.float32)
     first = chunk * rows_per_program
     for i in range(rows_per_program):
         within = first + i
         if within < rows_per_group:
             row = (group * rows_per_group + within).to(tl.int64)
-            x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            x_hat, dx = _norm_grad(x, dy, tl.load(mean_ptr + row), tl.load(rstd_ptr + row), scale, mask, n_cols)
-            tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            dshift += dy
-            dscale += dy * x_hat
-    out = (group * programs_per_group + chunk) * n_cols + cols
-    tl.store(dshift_ptr + out, dshift, mask=mask)
-    tl.store(dscale_ptr + out, dscale, mask=mask)
+            xa, xb = load_row(x_ptr + row * n_cols, head, tail, n_cols)
+            dya, dyb = load_row(dy_ptr + row * n_cols, head, tail, n_cols)
+            # re-read (cached) rather than held across the loop, which would spill
+            scale_a, scale_b = load_row(scale_ptr + group * n_cols, head, tail, n_cols)
+            xha, xhb, dxa, dxb = _norm_grad(xa, xb, dya, dyb, tl.load(mean_ptr + row), tl.load(rstd_ptr + row),
+                                            scale_a, scale_b, tail, n_cols)
+            store_row(dx_ptr + row * n_cols, head, tail, n_cols, dxa, dxb)
+            dshift_a += dya
+            dshift_b += dyb
+            dscale_a += dya * xha
+            dscale_b += dyb * xhb
+    out = (group * programs_per_group + chunk) * n_cols
+    store_row(dshift_ptr + out, head, tail, n_cols, dshift_a, dshift_b)
+    store_row(dscale_ptr + out, head, tail, n_cols, dscale_a, dscale_b)
 
 
 class ModulatedLayerNormFunction(torch.autograd.Function):
@@ -93,8 +106,9 @@ class ModulatedLayerNormFunction(torch.autograd.Function):
         y = torch.empty_like(x2)
         mean = torch.empty(rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
+        head, tail = row_tiles(cols)
         _forward[(rows,)](x2, shift.contiguous(), scale.contiguous(), y, mean, rstd, cols, rows // groups, eps,
-                          BLOCK=triton.next_power_of_2(cols))
+                          HEAD=head, TAIL=tail, num_warps=num_warps(cols, FORWARD_PER_THREAD))
         ctx.save_for_backward(x2, scale, mean, rstd)
         ctx.shift_dtype = shift.dtype
         return y.view(x.shape)
@@ -105,13 +119,14 @@ class ModulatedLayerNormFunction(torch.autograd.Function):
         rows, cols = x2.shape
         groups = scale.shape[0]
         rows_per_group = rows // groups
-        programs_per_group = max(1, min(rows_per_group, 64))
-        rows_per_program = triton.cdiv(rows_per_group, programs_per_group)
+        programs_per_group = reduction_programs(rows_per_group, groups, x2.device)
         dx = torch.empty_like(x2)
         partial = torch.empty(2, groups * programs_per_group, cols, dtype=torch.float32, device=x2.device)
+        head, tail = row_tiles(cols)
         _backward[(groups, programs_per_group)](
             dy.reshape(rows, cols).contiguous(), x2, scale.contiguous(), mean, rstd, dx, partial[0], partial[1], cols,
-            rows_per_group, rows_per_program, programs_per_group, BLOCK=triton.next_power_of_2(cols))
+            rows_per_group, triton.cdiv(rows_per_group, programs_per_group), programs_per_group, HEAD=head,
+            TAIL=tail, num_warps=num_warps(cols, BACKWARD_PER_THREAD))
         dshift, dscale = partial.view(2, groups, programs_per_group, cols).sum(2)
         return dx.view(dy.shape), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
 
@@ -128,7 +143,8 @@ def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
 # Residual add fused with the modulated LayerNorm that follows it:
 #     x' = x + gate * y          (fp32 residual stream; gate per group, or 1 when there is none)
 #     h  = LN(x') * (1 + scale) + shift
-# One read of x and y writes both x' and h. Backward takes the gradients of both outputs.
+# One read of x and y writes both x' and h. Backward takes the gradients of both outputs; it reads y (and the gate)
+# only when there is a gate, for dgate.
 
 
 def residual_modulated_layer_norm_reference(x, y, gate, shift, scale, eps):
@@ -139,54 +155,62 @@ def residual_modulated_layer_norm_reference(x, y, gate, shift, scale, eps):
 
 @triton.jit
 def _residual_forward(x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, x_out_ptr, h_ptr, mean_ptr, rstd_ptr, n_cols,
-                      rows_per_group, eps, HAS_GATE: tl.constexpr, BLOCK: tl.constexpr):
+                      rows_per_group, eps, HAS_GATE: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     group = row // rows_per_group
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    head, tail = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
+    ya, yb = load_row(y_ptr + row * n_cols, head, tail, n_cols)
     if HAS_GATE:
-        y = y * tl.load(gate_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32) + y
-    tl.store(x_out_ptr + row * n_cols + cols, x.to(x_out_ptr.dtype.element_ty), mask=mask)
-    _normalize_and_store(x, row, group, cols, mask, n_cols, eps, shift_ptr, scale_ptr, h_ptr, mean_ptr, rstd_ptr)
+        gate_a, gate_b = load_row(gate_ptr + group * n_cols, head, tail, n_cols)
+        ya, yb = ya * gate_a, yb * gate_b
+    xa, xb = load_row(x_ptr + row * n_cols, head, tail, n_cols)
+    xa, xb = xa + ya, xb + yb
+    store_row(x_out_ptr + row * n_cols, head, tail, n_cols, xa, xb)
+    _normalize_and_store(xa, xb, row, group, head, tail, n_cols, eps, shift_ptr, scale_ptr, h_ptr, mean_ptr,
+                         rstd_ptr)
 
 
 @triton.jit
 def _residual_backward(dx_out_ptr, dh_ptr, x_out_ptr, y_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, dy_ptr,
                        partial_ptr, n_cols, rows_per_group, rows_per_program, programs_per_group, partial_stride,
-                       HAS_GATE: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_GATE: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr):
     group = tl.program_id(0)
     chunk = tl.program_id(1)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    scale = tl.load(scale_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_GATE:
-        gate = tl.load(gate_ptr + group * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    else:
-        gate = tl.full([BLOCK], 1.0, tl.float32)
-    dshift = tl.zeros([BLOCK], dtype=tl.float32)
-    dscale = tl.zeros([BLOCK], dtype=tl.float32)
-    dgate = tl.zeros([BLOCK], dtype=tl.float32)
+    head, tail = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
+    dshift_a, dshift_b = tl.zeros([HEAD], dtype=tl.float32), tl.zeros([TAIL], dtype=tl.float32)
+    dscale_a, dscale_b = tl.zeros([HEAD], dtype=tl.float32), tl.zeros([TAIL], dtype=tl.float32)
+    dgate_a, dgate_b = tl.zeros([HEAD], dtype=tl.float32), tl.zeros([TAIL], dtype=tl.float32)
     first = chunk * rows_per_program
     for i in range(rows_per_program):
         within = first + i
         if within < rows_per_group:
             row = (group * rows_per_group + within).to(tl.int64)
-            offs = row * n_cols + cols
-            x = tl.load(x_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x_hat, d_norm = _norm_grad(x, dh, tl.load(mean_ptr + row), tl.load(rstd_ptr + row), scale, mask, n_cols)
-            dx = tl.load(dx_out_ptr + offs, mask=mask, other=0.0).to(tl.float32) + d_norm
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=mask)
-            dshift += dh
-            dscale += dh * x_hat
-            dgate += dx * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = (group * programs_per_group + chunk) * n_cols + cols
-    tl.store(partial_ptr + out, dshift, mask=mask)
-    tl.store(partial_ptr + partial_stride + out, dscale, mask=mask)
-    tl.store(partial_ptr + 2 * partial_stride + out, dgate, mask=mask)
+            xa, xb = load_row(x_out_ptr + row * n_cols, head, tail, n_cols)
+            dha, dhb = load_row(dh_ptr + row * n_cols, head, tail, n_cols)
+            scale_a, scale_b = load_row(scale_ptr + group * n_cols, head, tail, n_cols)
+            xha, xhb, dna, dnb = _norm_grad(xa, xb, dha, dhb, tl.load(mean_ptr + row), tl.load(rstd_ptr + row),
+                                            scale_a, scale_b, tail, n_cols)
+            # accumulated first, so that dh and x_hat are dead before the gate and y arrive (else 32 warps spill)
+            dshift_a += dha
+            dshift_b += dhb
+            dscale_a += dha * xha
+            dscale_b += dhb * xhb
+            dxa, dxb = load_row(dx_out_ptr + row * n_cols, head, tail, n_cols)
+            dxa, dxb = dxa + dna, dxb + dnb
+            store_row(dx_ptr + row * n_cols, head, tail, n_cols, dxa, dxb)
+            if HAS_GATE:
+                gate_a, gate_b = load_row(gate_ptr + group * n_cols, head, tail, n_cols)
+                store_row(dy_ptr + row * n_cols, head, tail, n_cols, dxa * gate_a, dxb * gate_b)
+                ya, yb = load_row(y_ptr + row * n_cols, head, tail, n_cols)
+                dgate_a += dxa * ya
+                dgate_b += dxb * yb
+            else:
+                store_row(dy_ptr + row * n_cols, head, tail, n_cols, dxa, dxb)
+    out = (group * programs_per_group + chunk) * n_cols
+    store_row(partial_ptr + out, head, tail, n_cols, dshift_a, dshift_b)
+    store_row(partial_ptr + partial_stride + out, head, tail, n_cols, dscale_a, dscale_b)
+    if HAS_GATE:
+        store_row(partial_ptr + 2 * partial_stride + out, head, tail, n_cols, dgate_a, dgate_b)
 
 
 class ResidualModulatedLayerNormFunction(torch.autograd.Function):
@@ -200,30 +224,38 @@ class ResidualModulatedLayerNormFunction(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         has_gate = gate is not None
         gate_arg = gate.contiguous() if has_gate else shift  # unread without a gate
+        head, tail = row_tiles(cols)
         _residual_forward[(rows,)](x2, y2, gate_arg, shift.contiguous(), scale.contiguous(), x_out, h, mean, rstd,
-                                   cols, rows // groups, eps, HAS_GATE=has_gate, BLOCK=triton.next_power_of_2(cols))
-        ctx.save_for_backward(x_out, y2, gate_arg, scale, mean, rstd)
+                                   cols, rows // groups, eps, HAS_GATE=has_gate, HEAD=head, TAIL=tail,
+                                   num_warps=num_warps(cols, FORWARD_PER_THREAD))
+        # y and the gate enter the backward only through dgate and dy = gate * dx': without a gate, neither is kept
+        ctx.save_for_backward(x_out, scale, mean, rstd, *((y2, gate_arg) if has_gate else ()))
         ctx.has_gate, ctx.dtypes, ctx.shapes = has_gate, (y.dtype, shift.dtype), (x.shape, y.shape)
         return x_out.view(x.shape), h.view(x.shape)
 
     @staticmethod
     def backward(ctx, dx_out, dh):
-        x_out, y2, gate, scale, mean, rstd = ctx.saved_tensors
+        x_out, scale, mean, rstd, *gated = ctx.saved_tensors
+        y2, gate = gated if ctx.has_gate else (scale, scale)  # unread without a gate
         rows, cols = x_out.shape
         groups = scale.shape[0]
         rows_per_group = rows // groups
-        programs_per_group = max(1, min(rows_per_group, 64))
+        programs_per_group = reduction_programs(rows_per_group, groups, x_out.device)
         dx_out = torch.zeros_like(x_out) if dx_out is None else dx_out.reshape(rows, cols).contiguous()
         dh = torch.zeros_like(x_out) if dh is None else dh.reshape(rows, cols).contiguous()
-        dx, dy = torch.empty_like(x_out), torch.empty_like(y2)
-        partial = torch.empty(3, groups * programs_per_group, cols, dtype=torch.float32, device=x_out.device)
+        dx = torch.empty_like(x_out)
+        dy = torch.empty(rows, cols, dtype=ctx.dtypes[0], device=x_out.device)
+        partial = torch.empty(3 if ctx.has_gate else 2, groups * programs_per_group, cols, dtype=torch.float32,
+                              device=x_out.device)
+        head, tail = row_tiles(cols)
         _residual_backward[(groups, programs_per_group)](
             dx_out, dh, x_out, y2, gate, scale.contiguous(), mean, rstd, dx, dy, partial, cols, rows_per_group,
             triton.cdiv(rows_per_group, programs_per_group), programs_per_group, partial[0].numel(),
-            HAS_GATE=ctx.has_gate, BLOCK=triton.next_power_of_2(cols))
-        dshift, dscale, dgate = partial.view(3, groups, programs_per_group, cols).sum(2)
-        return (dx.view(ctx.shapes[0]), dy.view(ctx.shapes[1]), dgate.to(ctx.dtypes[1]) if ctx.has_gate else None, dshift.to(ctx.dtypes[1]),
-                dscale.to(scale.dtype), None)
+            HAS_GATE=ctx.has_gate, HEAD=head, TAIL=tail, num_warps=num_warps(cols, BACKWARD_PER_THREAD))
+        sums = partial.view(len(partial), groups, programs_per_group, cols).sum(2)
+        dgate = sums[2].to(ctx.dtypes[1]) if ctx.has_gate else None
+        return (dx.view(ctx.shapes[0]), dy.view(ctx.shapes[1]), dgate, sums[0].to(ctx.dtypes[1]),
+                sums[1].to(scale.dtype), None)
 
 
 def residual_modulated_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, shift: torch.Tensor,

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+import kernels.rows
 from conftest import dit_inputs, randomized_dit
 from engine.dit import DiT, DiTConfig, rope_for_grid
 from engine.dit import apply_rope as dit_apply_rope
@@ -30,6 +31,14 @@ def assert_close_relative(actual, expected, tol, name):
     assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
 
 
+@pytest.fixture(params=["one-row-per-program", "several-rows-per-program"])
+def reduction_grid(request, monkeypatch):
+    """The backward kernels' column reductions on their usual grid (on a CPU: about 4 x 132 programs, one row each
+    here) and on a 1-SM grid (4 programs), where each program loops over several rows and the last is short."""
+    if request.param == "several-rows-per-program":
+        monkeypatch.setattr(kernels.rows, "DEFAULT_MULTIPROCESSORS", 1)
+
+
 def run(fn, inputs, grad_out):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*leaves)
@@ -39,6 +48,7 @@ def run(fn, inputs, grad_out):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.usefixtures("reduction_grid")
 def test_rms_norm_matches_reference(shape, dtype):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
@@ -54,6 +64,7 @@ def test_rms_norm_matches_reference(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("per_frame", [False, True], ids=["per-sample", "per-frame"])
+@pytest.mark.usefixtures("reduction_grid")
 def test_modulated_layer_norm_matches_reference(shape, dtype, per_frame):
     batch, tokens, dim = shape
     groups = tokens if per_frame else 1  # per frame: here one token a frame, the finest grouping
@@ -152,6 +163,7 @@ def test_rope_matches_reference_on_a_sequence_slice(grid, heads, head_dim, dtype
 @pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain-add"])
 @pytest.mark.parametrize("per_frame", [False, True], ids=["per-sample", "per-frame"])
+@pytest.mark.usefixtures("reduction_grid")
 def test_residual_modulated_layer_norm_matches_reference(y_dtype, gated, per_frame):
     """x' = x + gate * y, h = LN(x') * (1 + scale) + shift; x (residual stream) fp32, y in the compute dtype."""
     batch, tokens, dim = 2, 15, 1536
