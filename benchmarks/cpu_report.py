@@ -34,6 +34,22 @@ def commands(runs: list[dict]) -> list[str]:
     return ["", "Commands (from the repository root):", "", *(f"    python {run['command']}" for run in runs)]
 
 
+def smoke_models(folder: Path) -> tuple[Path, Path]:
+    """For smoke runs given no models: a random generator of the synthetic benchmark's preset and a one-block PAVRM
+    on its trunk, written to folder/base and folder/pavrm."""
+    import torch
+
+    from engine.dit import DiT, DiTConfig
+    from engine.reward import RewardModel, RewardModelConfig
+
+    torch.manual_seed(0)
+    base, pavrm = folder / "base", folder / "pavrm"
+    DiT(DiTConfig.preset("synthetic")).save_pretrained(base)
+    trunk = DiT(DiTConfig.preset("synthetic", num_layers=1))
+    RewardModel(RewardModelConfig(blocks=1, num_heads=2, mlp_dims=(16, 8)), trunk).save_pretrained(pavrm)
+    return base, pavrm
+
+
 def cell(value: float | None) -> str:
     """A table figure; '-' where nothing was measured (None, or nan: e.g. no sample the judge could track)."""
     return "-" if value is None or math.isnan(value) else f"{value:.2f}"

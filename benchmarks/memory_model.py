@@ -1,35 +1,48 @@
-"""Per-rank peak memory of PRFL and RGB ReFL training steps at scale, from a trace of the real step on fake tensors.
+"""Per-rank peak memory of PRFL and RGB ReFL training steps at scale, from a trace of the real step on fake tensors,
+with every term a GPU run adds named: the fit verdict on 80 GB and 141 GB GPUs, and host memory per rank and node.
 
-    python benchmarks/memory_model.py            # Wan2.1-14B, 720P x 81 frames, 8 ranks, sp_size 8, ZeRO-3 (CPU)
-    python benchmarks/memory_model.py --smoke    # tiny model and shapes (checks the script; not a report)
-    python benchmarks/memory_model.py --preset wan2.1-t2v-1.3b --latent 21 60 104 --world 1 --sp 1   # one GPU
+    python -m benchmarks.memory_model            # Wan2.1-14B, 720P x 81 frames, 8 ranks, sp_size 8, ZeRO-3 (CPU)
+    python -m benchmarks.memory_model --smoke    # tiny model and shapes (checks the script; not a report)
+    python -m benchmarks.memory_model --preset wan2.1-t2v-1.3b --latent 21 60 104 --world 1 --sp 1   # one GPU
+    python -m benchmarks.memory_model --world 1 --sp 1 --lora-rank 32 --methods prfl_sp rgb_first --sft on off
+        --ds-config ds_configs/z3_offload_params.json        # 14B LoRA on one GPU, its base's parameters on the host
 
 Each case runs the real step object (`PRFLWithSFTStep` around `PRFLStep` or `RGBReFLStep`, SFT weight 1) and its
 backward on the real models under torch's FakeTensorMode: shapes, dtypes and storages without data or compute. The
-ranks are a fake process group (torch's `fake` backend, collectives without data), so Ulysses sequence parallelism
-runs its real code: this process is rank 0 of `--world`, its tokens are one `--sp`-th of the sequence and DeepSpeed's
-all-to-alls produce their real buffers. A TorchDispatchMode records every storage the step allocates and frees, and
-keeps the peak of what is live at once on the device, with what it was made of:
+DiT runs the fused Triton kernels' launch code as a GPU does (`--kernels triton`, their launches recorded instead of
+run: benchmarks/kernel_launches.py), so the tensors they save for backward are the ones traced. The ranks are a fake
+process group (torch's `fake` backend, collectives without data), so Ulysses sequence parallelism runs its real
+code: this process is rank 0 of `--world`, its tokens are one `--sp`-th of the sequence and DeepSpeed's all-to-alls
+produce their real buffers. A TorchDispatchMode records every storage the step allocates and frees, each rounded as
+PyTorch's CUDA allocator rounds it (512 bytes), and keeps the peak of what is live at once on the device:
 
 - activations: tensors autograd saved for backward (saved-tensor hooks) and the checkpointed block inputs. One
   trace gives both settings: without activation offload the block inputs stay on the device; with it each waits on
   the host from its parking until it is prefetched, one block ahead of its recomputation (engine/offload.py's
-  schedule on a GPU);
+  schedule on a GPU), in a pinned buffer that PyTorch's host allocator rounds up to a power of two;
 - temporaries: every other live tensor (outputs, intermediate results, gradients of activations, the one
   parameter gradient in flight: ZeRO-3 reduce-scatters and frees each as it is produced, so the trace drops
   parameter gradients once accumulated). Tensors kept by torch.utils.checkpoint closures (the VAE frames'
   causal caches, the reward models' layer inputs) count here.
 
-Parameters are not traced: the generator's model states follow ZeRO-3 partitioning over `--world` ranks (DeepSpeed's
-own estimate, `estimate_zero3_model_states_mem_needs`, with optimizer offload as the DeepSpeed config says), plus a
-bound on the parameters ZeRO-3 gathers at once (`stage3_max_live_parameters` bf16 values). The frozen models (PAVRM,
-VAE, pixel reward models) are replicated on every rank in bf16 and counted whole. The rollout uses 2 sampling steps
-with k = 1: a no-gradient rollout keeps nothing from one step to the next, so its peak does not depend on k.
-
-What the trace cannot see: allocator fragmentation and caching (reserved > allocated), NCCL and DeepSpeed buffers,
-CUDA context and kernels' workspaces (flash attention, cuBLAS). Compare with `torch.cuda.max_memory_allocated`
-(benchmarks/step_memory_speed.py) on a GPU run of the same case.
-Writes benchmarks/results/memory_model-<preset>-<F>x<H>x<W>-w<world>sp<sp>.json and .md.
+Not traced, added by rule (each a named column):
+- model states: the generator's parameters (bf16, partitioned over `--world` by ZeRO-3, on the host with
+  offload_param), and for the trainable ones (all, or LoRA's adapters) the fp32 master copy, Adam's moments and the
+  fp32 gradient partition: 16 bytes each, on the host with offload_optimizer. DeepSpeed's own estimate
+  (`estimate_zero3_model_states_mem_needs`, full fine-tuning) is reported beside it;
+- ZeRO-3 buffers: the gathered parameters (at most `stage3_max_live_parameters` bf16 values, prefetch included, at
+  least the largest layer) and the reduce bucket (`reduce_bucket_size` gradient values, bf16, allocated up front with
+  contiguous_gradients);
+- frozen models (PAVRM, VAE, pixel reward model): replicated on every rank in bf16, counted whole;
+- NCCL buffers (an estimate: NCCL_CHANNELS channels x (Simple 4 MiB + LL128 4.7 MiB + LL 0.5 MiB) per ring or tree
+  connection of each communicator, plus 2 channels x 4 MiB per peer for the Ulysses all-to-all);
+- CUDA context, cuBLAS and flash-attention workspaces (CUDA_CONTEXT_GIB, a typical H100 figure);
+- allocator headroom: large blocks held in 2 MiB segments, plus FRAGMENTATION of the traced activations and
+  temporaries (an allowance; `python -m benchmarks.gpu_check` measures reserved against allocated).
+Everything but the trace is modelled, not measured. Compare with `torch.cuda.max_memory_allocated`
+(python -m benchmarks.step_memory_speed, benchmarks.gpu_check) on a GPU run of the same case.
+Writes benchmarks/results/memory_model-<preset>-<F>x<H>x<W>-w<world>sp<sp>[-lora<r>][-params-on-host].json and .md
+(the last with a DeepSpeed config that offloads the parameters).
 """
 
 from __future__ import annotations
@@ -52,23 +65,33 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import engine.prfl
+from benchmarks.kernel_launches import recorded_launches
+from engine.config import LoRAConfig, RGBReFLConfig, load_config
+from engine.data import SampleRandomness
+from engine.dit import DiT, DiTConfig
+from engine.flow import make_scheduler
+from engine.lora import add_lora
+from engine.offload import BlockInputStore, apply_activation_checkpointing
+from engine.parallel import apply_ulysses
+from engine.prfl import PRFLStep, PRFLWithSFTStep
+from engine.refl_rgb import TINY_CLIP, TINY_PIXELS, TINY_QWEN2_VL, TINY_VAE, build_rgb_refl_step
+from engine.reward import RewardModel, RewardModelConfig
+from engine.sft import SFTStep
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import engine.prfl  # noqa: E402
-from engine.config import RGBReFLConfig, load_config  # noqa: E402
-from engine.data import SampleRandomness  # noqa: E402
-from engine.dit import DiT, DiTConfig  # noqa: E402
-from engine.flow import make_scheduler  # noqa: E402
-from engine.offload import BlockInputStore, apply_activation_checkpointing  # noqa: E402
-from engine.parallel import apply_ulysses  # noqa: E402
-from engine.prfl import PRFLStep, PRFLWithSFTStep  # noqa: E402
-from engine.refl_rgb import TINY_CLIP, TINY_PIXELS, TINY_QWEN2_VL, TINY_VAE, build_rgb_refl_step  # noqa: E402
-from engine.reward import RewardModel, RewardModelConfig  # noqa: E402
-from engine.sft import SFTStep  # noqa: E402
-
-GB = 2**30
+GB, MiB = 2**30, 2**20
 DEVICE = "cpu"  # fake tensors on the CPU stand for the GPU
+GPUS = {"H100 80GB": 81_559 * MiB, "H200": 143_771 * MiB}  # total memory, as nvidia-smi reports it
+RANKS_PER_NODE = 8
+# NCCL's default buffers of one connection (Simple 4 MiB, LL128 120 x 640 x 8 x 8 B, LL 8 x 512 x 8 x 16 B) and the
+# channels an 8-GPU NVLink node typically opens; an estimate (NCCL sizes them at run time).
+NCCL_CONNECTION = 4 * MiB + 4_915_200 + 524_288
+NCCL_CHANNELS = 32
+NCCL_P2P_CHANNELS = 2  # per peer of the all-to-all, 4 MiB each
+CUDA_CONTEXT = int(0.75 * GB)  # CUDA context with cuBLAS and flash-attention workspaces on an H100 (typical)
+FRAGMENTATION = 0.10  # allowance for blocks the caching allocator cannot reuse, of the traced dynamic peak
 METHODS = {"prfl": "PRFL, reward trunk left whole for comparison (full sequence on every rank, no checkpointing)",
            "prfl_sp": "PRFL, reward trunk sequence-parallel and block-checkpointed like the generator, as "
                       "runners/prfl.py runs it (Trainer.distribute)",
@@ -76,6 +99,21 @@ METHODS = {"prfl": "PRFL, reward trunk left whole for comparison (full sequence 
            "rgb_all": "RGB ReFL, all frames (Wan VAE + Qwen2-VL-2B video reward)"}
 SMOKE = dict(preset="tiny", latent=(5, 8, 12), world=2, sp=2, text_tokens=16, reward_blocks=1, vae_config=TINY_VAE,
              clip=TINY_CLIP, qwen=TINY_QWEN2_VL, min_pixels=TINY_PIXELS[0], max_pixels=TINY_PIXELS[1])
+
+
+def allocated_size(nbytes: int) -> int:
+    """A block's size as PyTorch's CUDA caching allocator hands it out: a multiple of 512 bytes."""
+    return max(512, -(-nbytes // 512) * 512)
+
+
+def segment_extra(nbytes: int) -> int:
+    """What a large block (1 MiB and up) adds by living in a segment rounded up to 2 MiB."""
+    return -(-nbytes // (2 * MiB)) * 2 * MiB - nbytes if nbytes >= MiB else 0
+
+
+def pinned_size(nbytes: int) -> int:
+    """A pinned host buffer's size as PyTorch's host allocator hands it out: the next power of two."""
+    return 1 << max(0, (nbytes - 1).bit_length())
 
 
 class LiveMemory(TorchDispatchMode):
@@ -86,15 +124,17 @@ class LiveMemory(TorchDispatchMode):
     def __init__(self, ignored: set[int]) -> None:
         super().__init__()
         self.ignored = ignored  # storages not traced: parameters
-        self.live: dict[int, int] = {}
+        self.live: dict[int, int] = {}  # storage -> bytes as the CUDA allocator rounds them
         self.kept: set[int] = set()  # storages held for backward (saved tensors, parked block inputs)
         self.current = self.kept_bytes = self.parked = self.host = self.host_peak = 0
+        self.segment_extra = 0  # what holding the live large blocks in whole 2 MiB segments adds
         self.phase = "setup"
         self.peaks = {"resident": {"total": 0}, "offload": {"total": 0}}
 
     def _free(self, key: int) -> None:
         nbytes = self.live.pop(key)
         self.current -= nbytes
+        self.segment_extra -= segment_extra(nbytes)
         if key in self.kept:
             self.kept.discard(key)
             self.kept_bytes -= nbytes
@@ -107,15 +147,17 @@ class LiveMemory(TorchDispatchMode):
                                   ("offload", self.current - self.parked, self.kept_bytes - self.parked)):
             if total > self.peaks[name]["total"]:
                 self.peaks[name] = {"total": total, "activations": kept, "temporaries": total - kept,
-                                    "phase": self.phase}
+                                    "segment_extra": self.segment_extra, "phase": self.phase}
         self.host_peak = max(self.host_peak, self.host)
 
     def track(self, tensor: torch.Tensor) -> int:
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key not in self.live and key not in self.ignored:
-            self.live[key] = storage.nbytes()
-            self.current += storage.nbytes()
+            nbytes = allocated_size(storage.nbytes())
+            self.live[key] = nbytes
+            self.current += nbytes
+            self.segment_extra += segment_extra(nbytes)
             weakref.finalize(storage, self._free, key)
             self.update()
         return key
@@ -149,10 +191,10 @@ class TracedStore(BlockInputStore):
     def park(self, x: torch.Tensor) -> int:
         key = self.memory.track(self.memory.keep(x))
         slot_id = super().park(x)
-        # the device frees the whole storage x views; the host copy holds x's own elements
+        # the device frees the whole storage x views; the host copy holds x's own elements, in a pinned buffer
         self.sizes[slot_id] = self.memory.live[key], x.numel() * x.element_size()
         self.memory.parked += self.sizes[slot_id][0]
-        self.memory.host += self.sizes[slot_id][1]
+        self.memory.host += pinned_size(self.sizes[slot_id][1])
         self.memory.update()
         return slot_id
 
@@ -160,7 +202,7 @@ class TracedStore(BlockInputStore):
         if slot_id in self.sizes:
             device_bytes, host_bytes = self.sizes.pop(slot_id)
             self.memory.parked -= host_bytes  # the copy that comes back
-            self.memory.host -= host_bytes
+            self.memory.host -= pinned_size(host_bytes)
             if device_bytes > host_bytes:  # the rest of a viewed storage never returns: uncount it when it dies
                 weakref.finalize(self.slots[slot_id].tensor.untyped_storage(), self.memory.unpark,
                                  device_bytes - host_bytes)
@@ -211,19 +253,22 @@ def init_fake_ranks(world: int, sp: int):
     return parallel_state_sp.get_sequence_parallel_group()
 
 
-def trace_case(args, method: str, group) -> dict:
+def trace_case(args, method: str, sft: str, group) -> dict:
     """Trace one step of `method`: its traced peaks (bytes) without and with activation offload, the host bytes
     offload needs, the frozen models' size and the generator (for its model states)."""
-    run = load_config(None, ["sampling.steps=2", "sampling.solver=unipc", "prfl.sft_weight=1.0"])
+    run = load_config(None, ["sampling.steps=2", "sampling.solver=unipc",
+                             f"prfl.sft_weight={1.0 if sft == 'on' else 0.0}"])
     dtype = torch.bfloat16
-    dit_config = DiTConfig.preset(args.preset)
+    dit_config = DiTConfig.preset(args.preset, kernel_backend=args.kernels)
     with torch.device("meta"):
         model = DiT(dit_config).to(dtype)
+        if args.lora_rank:
+            add_lora(model, LoRAConfig(rank=args.lora_rank))
         frozen: list[nn.Module] = []
         if method.startswith("prfl"):
             blocks = min(args.reward_blocks, dit_config.num_layers)
-            reward = RewardModel(RewardModelConfig(blocks=blocks), DiT(DiTConfig.preset(args.preset, num_layers=blocks))
-                                 .to(dtype)).requires_grad_(False).eval()
+            trunk = DiT(DiTConfig.preset(args.preset, num_layers=blocks, kernel_backend=args.kernels))
+            reward = RewardModel(RewardModelConfig(blocks=blocks), trunk.to(dtype)).requires_grad_(False).eval()
             step = PRFLStep(run.prfl, run.sampling, reward, step_override=1)
             frozen.append(reward)
         else:
@@ -241,7 +286,7 @@ def trace_case(args, method: str, group) -> dict:
     # Tensors made from Python values (token ids, Qwen2-VL's patch grid) stay real constants up to this many
     # elements, so that the data-dependent index arithmetic of transformers' Qwen2-VL runs on real values.
     constants = mock.patch.object(fake_tensor, "CONSTANT_NUMEL_LIMIT", 1 << 16)
-    with FakeTensorMode(allow_non_fake_inputs=True), constants, \
+    with FakeTensorMode(allow_non_fake_inputs=True), constants, recorded_launches(), \
             mock.patch.object(engine.prfl, "make_scheduler", real_scheduler):
         for module in (model, *frozen):
             to_fake(module)
@@ -254,7 +299,8 @@ def trace_case(args, method: str, group) -> dict:
                 apply_ulysses(step.reward_model.trunk, group)
             apply_activation_checkpointing(step.reward_model.trunk, store=TracedStore(memory))
         for p in model.parameters():  # ZeRO-3 reduce-scatters each gradient and frees it
-            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         null_context = torch.zeros(1, dit_config.text_dim)
         full = PRFLWithSFTStep(step, SFTStep(run.sft, null_context), run.prfl.sft_weight)
         batch = {"latents": torch.zeros(1, dit_config.out_dim, *args.latent),
@@ -279,93 +325,168 @@ def trace_case(args, method: str, group) -> dict:
 
 
 def model_states(dit: nn.Module, ds_config: dict, world: int) -> dict:
-    """The generator's ZeRO-3 model states on one rank, by DeepSpeed's own estimate, and the gathered-parameter
-    bound."""
+    """The generator's ZeRO-3 model states and buffers on one rank (bytes): parameters and, for the trainable ones,
+    gradients and optimizer states, on the device or the host as the DeepSpeed config offloads them; the gathered
+    parameters and the reduce bucket; DeepSpeed's own estimate for full fine-tuning beside them."""
     from engine.trainer import zero3_model_states
 
     zero = ds_config["zero_optimization"]
     total = sum(p.numel() for p in dit.parameters())
+    trainable = sum(p.numel() for p in dit.parameters() if p.requires_grad)
     offload_optimizer = zero.get("offload_optimizer", {}).get("device") == "cpu"
     offload_params = zero.get("offload_param", {}).get("device") == "cpu"
-    _, gpu, largest_layer = zero3_model_states(dit, zero, gpus_per_node=world)
-    parameters = 0 if offload_params else 2 * total / world
-    optimizer = 0 if offload_optimizer else 16 * total / world  # fp32 master, Adam m and v, fp32 gradient partition
-    # Gathered full parameters: at most stage3_max_live_parameters bf16 values, at least DeepSpeed's largest layer.
-    gathered = max(largest_layer, 2 * min(total, int(zero.get("stage3_max_live_parameters", 1e9))))
-    return {"parameters_total": total, "zero3_estimate": gpu, "parameters": parameters,
-            "gradients_and_optimizer": optimizer, "gathered": gathered}
+    host_estimate, device_estimate, largest_layer = zero3_model_states(dit, zero, gpus_per_node=world)
+    parameters = 2 * total / world  # bf16, frozen ones included: ZeRO-3 partitions every parameter
+    # fp32 master copy, Adam's two moments, the fp32 gradient partition; with offload_optimizer the master copy and
+    # the gradient partition are pinned buffers (one each, rounded as the host allocator does), the moments not
+    optimizer = 16 * trainable / world
+    pinned_optimizer = 2 * pinned_size(int(4 * trainable / world)) + 8 * trainable / world
+    # Gathered full parameters: at most stage3_max_live_parameters bf16 values, at least the largest layer's.
+    gathered = max(2 * largest_layer, 2 * min(total, int(zero.get("stage3_max_live_parameters", 1e9))))
+    reduce_bucket = 2 * int(zero.get("reduce_bucket_size", 5e8)) if zero.get("contiguous_gradients", True) else 0
+    return {"parameters_total": total, "parameters_trainable": trainable,
+            "deepspeed_estimate_device": device_estimate, "deepspeed_estimate_host_node": host_estimate,
+            "parameters": 0 if offload_params else parameters,
+            "gradients_and_optimizer": 0 if offload_optimizer else optimizer,
+            "gathered": gathered, "reduce_bucket": reduce_bucket,
+            "host": (pinned_size(int(parameters)) if offload_params else 0)
+            + (pinned_optimizer if offload_optimizer else 0)}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--preset", default="wan2.1-t2v-14b")
-    parser.add_argument("--latent", type=int, nargs=3, default=(21, 90, 160), metavar=("F", "H", "W"),
-                        help="latent frames, height, width (720P x 81 frames: 21 90 160; 480P: 21 60 104)")
-    parser.add_argument("--world", type=int, default=8, help="ranks (ZeRO-3 partitions over all of them)")
-    parser.add_argument("--sp", type=int, default=8, help="Ulysses sequence-parallel degree")
-    parser.add_argument("--text-tokens", type=int, default=512)
-    parser.add_argument("--reward-blocks", type=int, default=8, help="PAVRM trunk depth K")
-    parser.add_argument("--ds-config", default="ds_configs/z3_offload.json")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--smoke", action="store_true", help="tiny model and shapes; writes to a temporary folder")
-    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; smoke: a temp folder)")
-    args = parser.parse_args()
+def nccl_buffers(world: int, sp: int) -> int:
+    """NCCL's device buffers on one rank (an estimate): ring and tree connections of the world communicator (ZeRO's
+    all-gathers and reduce-scatters) and, under sequence parallelism, of the data-parallel one, plus the Ulysses
+    all-to-all's peer-to-peer buffers."""
+    if world == 1:
+        return 0
+    collective = 2 * NCCL_CHANNELS * NCCL_CONNECTION  # one ring peer and the tree's
+    communicators = 1 + (sp > 1 and world > sp)
+    return communicators * collective + (sp - 1) * NCCL_P2P_CHANNELS * 4 * MiB
+
+
+TERMS = {  # report column -> what it is
+    "parameters_gb": "params", "gradients_and_optimizer_gb": "grads + optimizer", "zero3_gathered_gb": "ZeRO-3 gathered",
+    "zero3_reduce_bucket_gb": "ZeRO-3 reduce bucket", "frozen_models_gb": "frozen models",
+    "activations_gb": "activations", "temporaries_gb": "temporaries", "nccl_gb": "NCCL", "cuda_context_gb": "CUDA context",
+    "allocator_headroom_gb": "allocator headroom"}
+
+
+def model(args) -> dict:
+    """The report of one setting (`args` as the command line gives them): a row per method and activation offload
+    setting, every term in GB, the total and its fit on each of GPUS, host memory per rank and per node."""
+    ds_config = json.loads((ROOT / args.ds_config).read_text())
+    started = time.perf_counter()
+    group = init_fake_ranks(args.world, args.sp)
+    rows, states = [], None
+    for method, sft in ((m, s) for m in args.methods for s in args.sft):
+        case_started = time.perf_counter()
+        traced = trace_case(args, method, sft, group)
+        states = model_states(traced.pop("dit"), ds_config, args.world)
+        for offload in (False, True):
+            peak = traced["peaks"]["offload" if offload else "resident"]
+            dynamic = peak["activations"] + peak["temporaries"]
+            terms = {"parameters_gb": states["parameters"], "gradients_and_optimizer_gb": states["gradients_and_optimizer"],
+                     "zero3_gathered_gb": states["gathered"], "zero3_reduce_bucket_gb": states["reduce_bucket"],
+                     "frozen_models_gb": traced["frozen_bytes"], "activations_gb": peak["activations"],
+                     "temporaries_gb": peak["temporaries"], "nccl_gb": nccl_buffers(args.world, args.sp),
+                     "cuda_context_gb": CUDA_CONTEXT,
+                     "allocator_headroom_gb": peak["segment_extra"] + FRAGMENTATION * dynamic}
+            total = sum(terms.values())
+            host = states["host"] + (traced["host_peak"] if offload else 0)
+            rows.append({"method": method, "sft": sft, "activation_offload": offload, "phase_of_peak": peak["phase"],
+                         **{k: v / GB for k, v in terms.items()}, "total_gb": total / GB,
+                         **{f"fits_{gpu}": total <= capacity for gpu, capacity in GPUS.items()},
+                         "host_activations_gb": traced["host_peak"] / GB if offload else 0.0,
+                         "host_per_rank_gb": host / GB,
+                         "host_per_node_gb": min(args.world, RANKS_PER_NODE) * host / GB,
+                         "trace_s": time.perf_counter() - case_started})
+            print(json.dumps(rows[-1]), flush=True)
+    dist.destroy_process_group()
+    tokens = math.prod(s // p for s, p in zip(args.latent, DiTConfig.preset(args.preset).patch_size))
+    return {"preset": args.preset, "latent": list(args.latent), "tokens": tokens, "world": args.world,
+            "sp": args.sp, "tokens_per_rank": math.ceil(tokens / args.sp), "text_tokens": args.text_tokens,
+            "ds_config": args.ds_config, "precision": "bf16", "micro_batch": 1,
+            "kernels": args.kernels, "lora_rank": args.lora_rank, "generator_parameters": states["parameters_total"],
+            "trainable_parameters": states["parameters_trainable"],
+            "deepspeed_zero3_device_estimate_gb": states["deepspeed_estimate_device"] / GB,
+            "deepspeed_zero3_host_estimate_per_node_gb": states["deepspeed_estimate_host_node"] / GB,
+            "gpus_gb": {gpu: capacity / GB for gpu, capacity in GPUS.items()},
+            "assumptions": {"nccl_channels": NCCL_CHANNELS, "cuda_context_gb": CUDA_CONTEXT / GB,
+                            "fragmentation": FRAGMENTATION, "ranks_per_node": RANKS_PER_NODE},
+            "torch": torch.__version__, "methods": {m: METHODS[m] for m in args.methods}, "smoke": args.smoke,
+            "runtime_s": time.perf_counter() - started, "rows": rows}
+
+
+def write_report(report: dict, out_dir: Path) -> Path:
+    f, h, w = report["latent"]
+    lora = f"-lora{report['lora_rank']}" if report["lora_rank"] else ""
+    params = "-params-on-host" if "offload_param" in json.loads((ROOT / report["ds_config"]).read_text())[
+        "zero_optimization"] else ""
+    stem = out_dir / f"memory_model-{report['preset']}-{f}x{h}x{w}-w{report['world']}sp{report['sp']}{lora}{params}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=2))  # the preset has dots: no with_suffix
+    tuning = f"LoRA rank {report['lora_rank']} ({report['trainable_parameters'] / 1e6:.0f} M trainable)" \
+        if report["lora_rank"] else "full fine-tuning"
+    gpus = list(report["gpus_gb"])
+    lines = [f"# Modelled peak memory per rank: {report['preset']}, latent {f}x{h}x{w} ({report['tokens']:,} tokens), "
+             f"{report['world']} ranks, sp {report['sp']}, {tuning}", "",
+             f"Traced on fake tensors (torch {report['torch']}, {report['kernels']} kernels), {report['ds_config']}, "
+             f"bf16, micro-batch 1, {report['text_tokens']} text tokens; "
+             f"{report['generator_parameters'] / 1e9:.2f} B generator parameters. Activations and temporaries: the "
+             "traced peak of live tensors (allocator-rounded); the other terms by rule, modelled "
+             f"(benchmarks/memory_model.py: NCCL with {report['assumptions']['nccl_channels']} channels, CUDA "
+             f"context {report['assumptions']['cuda_context_gb']:.2f} GB, fragmentation allowance "
+             f"{report['assumptions']['fragmentation']:.0%} of the dynamic peak). DeepSpeed's own estimate of the "
+             f"model states (full fine-tuning): {report['deepspeed_zero3_device_estimate_gb']:.2f} GB per GPU, "
+             f"{report['deepspeed_zero3_host_estimate_per_node_gb']:.1f} GB of host memory per node. Host: pinned "
+             "buffers at the host allocator's power-of-two sizes; per node: "
+             f"{min(report['world'], RANKS_PER_NODE)} ranks. At start-up each rank also builds the whole generator in "
+             "host memory before ZeRO-3 partitions it (not counted). GB = 2^30 bytes.", "",
+             "| method | SFT | act. offload | " + " | ".join(TERMS.values()) + " | **total** | "
+             + " | ".join(gpus) + " | host / rank | host / node | peak in |",
+             "|---|---|---|" + "---|" * (len(TERMS) + 1 + len(gpus) + 3)]
+    for r in report["rows"]:
+        lines.append(f"| {r['method']} | {r['sft']} | {'on' if r['activation_offload'] else 'off'} | "
+                     + " | ".join(f"{r[c]:.2f}" for c in TERMS) + f" | **{r['total_gb']:.2f}** | "
+                     + " | ".join("fits" if r[f"fits_{g}"] else "does not fit" for g in gpus)
+                     + f" | {r['host_per_rank_gb']:.1f} | {r['host_per_node_gb']:.1f} | {r['phase_of_peak']} |")
+    lines += ["", *[f"- `{m}`: {text}" for m, text in report["methods"].items()], "",
+              "Regenerate: `" + " ".join(["python -m benchmarks.memory_model", *report["arguments"]]) + "`"]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return stem
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--preset", default="wan2.1-t2v-14b")
+    p.add_argument("--latent", type=int, nargs=3, default=(21, 90, 160), metavar=("F", "H", "W"),
+                   help="latent frames, height, width (720P x 81 frames: 21 90 160; 480P: 21 60 104)")
+    p.add_argument("--world", type=int, default=8, help="ranks (ZeRO-3 partitions over all of them)")
+    p.add_argument("--sp", type=int, default=8, help="Ulysses sequence-parallel degree")
+    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--reward-blocks", type=int, default=8, help="PAVRM trunk depth K")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (default: full fine-tuning)")
+    p.add_argument("--kernels", choices=("triton", "torch"), default="triton",
+                   help="the DiT's elementwise kernels (triton: what a GPU runs)")
+    p.add_argument("--ds-config", default="ds_configs/z3_offload.json")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--sft", nargs="+", choices=("on", "off"), default=["on"],
+                   help="the SFT loss (weight 1, batched with the reward step's evaluation) on or off")
+    p.add_argument("--smoke", action="store_true", help="tiny model and shapes; writes to a temporary folder")
+    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results; smoke: a temp folder)")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
     args.vae_config, args.clip, args.qwen = {}, {}, {}
     args.min_pixels, args.max_pixels = RGBReFLConfig.min_pixels, RGBReFLConfig.max_pixels
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
-    out_dir = args.out or (Path(tempfile.mkdtemp()) if args.smoke else ROOT / "benchmarks/results")
-    ds_config = json.loads((ROOT / args.ds_config).read_text())
-    started = time.perf_counter()
-    group = init_fake_ranks(args.world, args.sp)
-    rows = []
-    for method in args.methods:
-        case_started = time.perf_counter()
-        traced = trace_case(args, method, group)
-        states = model_states(traced.pop("dit"), ds_config, args.world)
-        for offload in (False, True):
-            peak = traced["peaks"]["offload" if offload else "resident"]
-            total = (states["parameters"] + states["gradients_and_optimizer"] + states["gathered"]
-                     + traced["frozen_bytes"] + peak["total"])
-            rows.append({"method": method, "activation_offload": offload, "phase_of_peak": peak["phase"],
-                         "parameters_gb": states["parameters"] / GB,
-                         "gradients_and_optimizer_gb": states["gradients_and_optimizer"] / GB,
-                         "zero3_gathered_gb": states["gathered"] / GB,
-                         "frozen_models_gb": traced["frozen_bytes"] / GB,
-                         "activations_gb": peak["activations"] / GB, "temporaries_gb": peak["temporaries"] / GB,
-                         "total_gb": total / GB,
-                         "host_activations_gb": traced["host_peak"] / GB if offload else 0.0,
-                         "trace_s": time.perf_counter() - case_started})
-            print(json.dumps(rows[-1]), flush=True)
-    tokens = math.prod(s // p for s, p in zip(args.latent, DiTConfig.preset(args.preset).patch_size))
-    report = {"preset": args.preset, "latent": list(args.latent), "tokens": tokens, "world": args.world,
-              "sp": args.sp, "tokens_per_rank": math.ceil(tokens / args.sp), "text_tokens": args.text_tokens,
-              "ds_config": args.ds_config, "precision": "bf16", "micro_batch": 1, "sft_weight": 1.0,
-              "generator_parameters": states["parameters_total"],
-              "deepspeed_zero3_model_states_estimate_gb": states["zero3_estimate"] / GB,
-              "torch": torch.__version__, "methods": {m: METHODS[m] for m in args.methods}, "smoke": args.smoke,
-              "runtime_s": time.perf_counter() - started, "rows": rows}
-    f, h, w = args.latent
-    stem = out_dir / f"memory_model-{args.preset}-{f}x{h}x{w}-w{args.world}sp{args.sp}"  # the preset has dots
-    out_dir.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=2))
-    columns = ["parameters_gb", "gradients_and_optimizer_gb", "zero3_gathered_gb", "frozen_models_gb",
-               "activations_gb", "temporaries_gb", "total_gb", "host_activations_gb"]
-    lines = [f"# Modelled peak memory per rank: {args.preset}, latent {f}x{h}x{w} ({tokens:,} tokens), "
-             f"{args.world} ranks, sp {args.sp}", "",
-             f"Traced on fake tensors (torch {torch.__version__}), {args.ds_config}, bf16, micro-batch 1, SFT loss "
-             f"on, {args.text_tokens} text tokens. Model states: DeepSpeed's ZeRO-3 partitioning of "
-             f"{states['parameters_total'] / 1e9:.2f} B generator parameters over {args.world} ranks; activations "
-             "and temporaries: the traced peak of live tensors. GB = 2^30 bytes. Not included: allocator "
-             "fragmentation, communication buffers, CUDA context, kernel workspaces.", "",
-             "| method | activation offload | params | grads + optimizer | ZeRO-3 gathered | frozen models | "
-             "activations | temporaries | **total** | on host | peak in |", "|---|---|" + "---|" * 9]
-    lines += [f"| {r['method']} | {'on' if r['activation_offload'] else 'off'} | "
-              + " | ".join(f"{r[c]:.2f}" if c != "total_gb" else f"**{r[c]:.2f}**" for c in columns)
-              + f" | {r['phase_of_peak']} |" for r in rows]
-    lines += ["", *[f"- `{m}`: {METHODS[m]}" for m in args.methods]]
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    report = {**model(args), "arguments": [a for a in argv if not a.startswith("--out")]}
+    stem = write_report(report, args.out or (Path(tempfile.mkdtemp()) if args.smoke else ROOT / "benchmarks/results"))
     print(f"wrote {stem}.json and .md in {report['runtime_s']:.0f} s")
     return 0
 

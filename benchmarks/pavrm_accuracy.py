@@ -1,8 +1,8 @@
 """The PAVRM's accuracy against the noise level on the synthetic motion benchmark (the paper's process-awareness
 table), from `runners/pavrm.py` runs of the committed recipe.
 
-    python benchmarks/pavrm_accuracy.py --generator assets/synthetic/base     # CE, then BT: about 8 min on 2 cores
-    python benchmarks/pavrm_accuracy.py --generator PATH --smoke               # a few steps: checks the script
+    python -m benchmarks.pavrm_accuracy --generator assets/synthetic/base     # CE, then BT: about 8 min on 2 cores
+    python -m benchmarks.pavrm_accuracy --smoke         # a few steps on a random generator: checks the script
 
 For each loss (CE on `motion_quality`; BT on the benchmark's (smooth, bad kind) pairs of one prompt) it trains a
 PAVRM with configs/pavrm-synthetic.yaml on the generator's first blocks, in one process on the CPU, and reports its
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpu_report import commands, machine, write_report
+from benchmarks.cpu_report import commands, machine, smoke_models, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/pavrm-synthetic.yaml"
@@ -60,12 +60,17 @@ def markdown(report: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generator", required=True, help="base generator export (its first blocks are the trunk)")
+    parser.add_argument("--generator", help="base generator export (its first blocks are the trunk; required "
+                                            "unless --smoke, which makes a random one)")
     parser.add_argument("--losses", nargs="+", default=["ce", "bt"], choices=["ce", "bt"])
     parser.add_argument("--smoke", action="store_true", help="a few steps on tiny sets: checks the script only")
     parser.add_argument("--out", type=Path, help="report folder (default: benchmarks/results; smoke: a temporary one)")
     args = parser.parse_args()
+    if args.generator is None and not args.smoke:
+        parser.error("--generator is required (e.g. assets/synthetic/base, from runners/synthetic.py bootstrap)")
     with tempfile.TemporaryDirectory(prefix="pavrm_accuracy-") as work:
+        if args.generator is None:
+            args.generator = str(smoke_models(Path(work))[0])
         runs = [{"loss": loss, **train(args.generator, loss, Path(work) / loss,
                                        PER_LOSS[loss] + (SMOKE if args.smoke else []))}
                 for loss in args.losses]

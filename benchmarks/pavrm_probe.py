@@ -1,8 +1,8 @@
 """Can the PAVRM head find motion in a trunk's features? A fast probe on the synthetic motion benchmark.
 
-    python benchmarks/pavrm_probe.py                     # random tiny trunks: patch (1,2,2) / (2,2,2) x scale 1 / 20
-    python benchmarks/pavrm_probe.py --generator assets/synthetic/base --sigma 0.3
-    python benchmarks/pavrm_probe.py --smoke             # tiny sizes: checks the script, numbers mean nothing
+    python -m benchmarks.pavrm_probe                     # random tiny trunks: patch (1,2,2) / (2,2,2) x scale 1 / 20
+    python -m benchmarks.pavrm_probe --generator assets/synthetic/base --sigma 0.3
+    python -m benchmarks.pavrm_probe --smoke             # tiny sizes: checks the script, numbers mean nothing
 
 For each task (smooth against one bad kind, and all four kinds with `motion_quality`), trunk patch size and
 `attention_scale`, only the head trains (engine.reward's query-attention pooling and MLP), on trunk features that

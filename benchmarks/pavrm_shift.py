@@ -1,9 +1,9 @@
 """Does the PAVRM judge a generator's own videos the way it judges the rendered ones it learned from? The check for
 reward hacking on the synthetic motion benchmark.
 
-    python benchmarks/pavrm_shift.py --generator base=assets/synthetic/base \
+    python -m benchmarks.pavrm_shift --generator base=assets/synthetic/base \
         --generator prfl=outputs/prfl-synthetic/checkpoints/step_000100/model        # 2 cores: under a minute
-    python benchmarks/pavrm_shift.py --reward R --generator base=B --smoke --out DIR  # a few pairs: checks the script
+    python -m benchmarks.pavrm_shift --smoke     # random models, a few pairs: checks the script
 
 The PAVRM scores clean latents (sigma 0) of the held-out (prompt, seed) pairs:
 - rendered smooth paths at fixed speeds, from standing still to the data's (SPEED, latent pixels per frame); the
@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
-from cpu_report import cell, machine, write_report
+from benchmarks.cpu_report import cell, machine, smoke_models, write_report
 from engine.dit import DiT
 from engine.flow import timestep_from_sigma
 from engine.reward import RewardModel
@@ -111,14 +112,21 @@ def named_path(text: str) -> tuple[str, Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reward", type=Path, default=Path("assets/synthetic/pavrm"), help="PAVRM folder")
-    parser.add_argument("--generator", type=named_path, action="append", required=True, metavar="NAME=PATH",
-                        help="a generator export to sample and judge (repeatable)")
+    parser.add_argument("--reward", type=Path, help="PAVRM folder (default: assets/synthetic/pavrm)")
+    parser.add_argument("--generator", type=named_path, action="append", metavar="NAME=PATH",
+                        help="a generator export to sample and judge (repeatable; required unless --smoke, which "
+                             "judges a random generator twice, as base and repeat: their figures must agree)")
     parser.add_argument("--pairs", type=int, default=64, help="held-out (prompt, seed) pairs")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps (the PRFL recipe's chain)")
     parser.add_argument("--smoke", action="store_true", help="4 pairs, 2 steps: checks the script only")
     parser.add_argument("--out", type=Path, help="report folder (default: benchmarks/results; smoke: a temporary one)")
     args = parser.parse_args()
+    if args.smoke and args.generator is None and args.reward is None:
+        base, args.reward = smoke_models(Path(tempfile.mkdtemp(prefix="pavrm_shift-")))
+        args.generator = [("base", base), ("repeat", base)]
+    if not args.generator:
+        parser.error("--generator NAME=PATH is required, e.g. base=assets/synthetic/base")
+    args.reward = args.reward or Path("assets/synthetic/pavrm")
     for flag, folder in (("--reward", args.reward), *((f"--generator {n}", p) for n, p in args.generator)):
         if not folder.is_dir():
             sys.exit(f"error: {flag}: {folder} is not a folder (python runners/synthetic.py bootstrap writes the "
@@ -133,7 +141,7 @@ def main() -> int:
               "rendered": rendered,
               "generators": [generator_row(name, path, reward_model, pairs, steps, smooth_median)
                              for name, path in args.generator],
-              "command": " ".join(["benchmarks/pavrm_shift.py", *sys.argv[1:]])}
+              "command": " ".join(["-m benchmarks.pavrm_shift", *sys.argv[1:]])}
     write_report("pavrm_shift", report, markdown(report), args.out, args.smoke)
     return 0
 

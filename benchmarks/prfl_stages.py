@@ -1,9 +1,9 @@
 """Where in the sampling chain PRFL's gradient step should fall (the paper's stage ablation), on the synthetic motion
 benchmark: the embedded default run (configs/prfl-synthetic.yaml) once per `prfl.stage`, same budget, same assets.
 
-    python benchmarks/prfl_stages.py                          # all, early, middle, late, last_quarter (2 cores: ~5 min)
-    python benchmarks/prfl_stages.py --stages all last_quarter  # the whole chain against RGB-ReFL-style late-only k
-    python benchmarks/prfl_stages.py --base B --reward R --smoke --out DIR   # a few steps: checks the script
+    python -m benchmarks.prfl_stages                          # all, early, middle, late, last_quarter (2 cores: ~5 min)
+    python -m benchmarks.prfl_stages --stages all last_quarter  # the whole chain against RGB-ReFL-style late-only k
+    python -m benchmarks.prfl_stages --smoke --stages all last_quarter   # random models, a few steps: checks the script
 
 The paper's claim is that supervising the whole chain beats supervising only the nearly clean end (`last_quarter`,
 what RGB ReFL can reach). Each run trains from the same base generator against the same PAVRM
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpu_report import cell, commands, machine, write_report
+from benchmarks.cpu_report import cell, commands, machine, smoke_models, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("all", "early", "middle", "late", "last_quarter")
@@ -65,18 +65,24 @@ def markdown(report: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=Path("assets/synthetic/base"), help="base generator export")
-    parser.add_argument("--reward", type=Path, default=Path("assets/synthetic/pavrm"), help="PAVRM folder")
+    parser.add_argument("--base", type=Path, help="base generator export (default: assets/synthetic/base; --smoke: "
+                                                  "a random one)")
+    parser.add_argument("--reward", type=Path, help="PAVRM folder (default: assets/synthetic/pavrm; --smoke: a random "
+                                                    "one)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--smoke", action="store_true", help="a few steps on a few pairs: checks the script only")
     parser.add_argument("--out", type=Path, help="report folder (default: benchmarks/results; smoke: a temporary one)")
     args = parser.parse_args()
+    # The runs stay under outputs/ for a look at their samples and metrics; smoke runs go to a temporary folder.
+    work = Path(tempfile.mkdtemp(prefix="prfl_stages-")) if args.smoke else Path("outputs/prfl_stages")
+    if args.smoke and args.base is None and args.reward is None:
+        args.base, args.reward = smoke_models(work / "models")
+    args.base = args.base or Path("assets/synthetic/base")
+    args.reward = args.reward or Path("assets/synthetic/pavrm")
     for name, folder in (("--base", args.base), ("--reward", args.reward)):
         if not (ROOT / folder).is_dir():
             raise SystemExit(f"{name} {folder} is not a folder: `python runners/synthetic.py bootstrap --out "
                              "assets/synthetic` trains the benchmark's base generator and PAVRM")
-    # The runs stay under outputs/ for a look at their samples and metrics; smoke runs go to a temporary folder.
-    work = Path(tempfile.mkdtemp(prefix="prfl_stages-")) if args.smoke else Path("outputs/prfl_stages")
     runs = [train(stage, args.base, args.reward, work / stage, SMOKE if args.smoke else []) for stage in args.stages]
     report = {**machine(), "smoke": args.smoke, "base": str(args.base), "reward": str(args.reward), "runs": runs}
     write_report("prfl_stages", report, markdown(report), args.out, args.smoke)

@@ -1,14 +1,15 @@
 """PRFL against RGB ReFL on one GPU: peak memory, step time, tokens/s and where the time goes, case by case.
 
-    python benchmarks/step_memory_speed.py            # the whole matrix below (hours on one GPU; unattended)
-    python benchmarks/step_memory_speed.py --models 1.3b --resolutions 480p --sft on     # a slice of it
-    python benchmarks/step_memory_speed.py --smoke    # tiny models and shapes on any device (checks the script)
+    python -m benchmarks.step_memory_speed            # the whole matrix below (hours on one GPU; unattended)
+    python -m benchmarks.step_memory_speed --models 1.3b --resolutions 480p --sft on     # a slice of it
+    python -m benchmarks.step_memory_speed --smoke --methods prfl rgb_all --tuning lora --sft on   # tiny, any device
 
 Matrix: {Wan2.1 1.3B, 14B} x {480P, 720P} x 81 frames x {PRFL, RGB ReFL first frame, RGB ReFL all frames} x
 {full fine-tuning, LoRA rank 32} x {with, without the SFT loss}. Each case runs in its own process (an OOM cannot
-poison the next) through the real engine: DeepSpeed ZeRO-3 with the optimizer on the CPU (ds_configs/
-z3_offload.json), bf16, block checkpointing; on OOM the case is retried once with activation offload, and a second
-OOM is recorded with the settings tried. Weights and data are random (cost does not depend on values).
+poison the next; benchmarks/child.py) through the real engine: DeepSpeed ZeRO-3 with the optimizer on the CPU
+(ds_configs/z3_offload.json), bf16, block checkpointing; on OOM (while the models are built or in a step) the case is
+retried once with activation offload, and a second OOM is recorded with the settings tried. Weights and data are
+random (cost does not depend on values).
 
 - PRFL: `PRFLStep` (k uniform over the chain) with a frozen K=8-block PAVRM of the same model; its trunk is
   block-checkpointed like the generator, by `Trainer.distribute` as runners/prfl.py does (without it 720P does not
@@ -32,14 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.child import report_case, with_offload_retry
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODELS = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b"}
 RESOLUTIONS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}  # latents of 81 frames at 832x480 / 1280x720
@@ -111,13 +112,15 @@ def build_step(case: dict, config, trainer):
 
 
 def run_case(case: dict) -> dict:
-    """One attempt of one case in this process."""
+    """One attempt of one case in this process. An out-of-memory error says what was being done."""
     import torch
 
-    from engine.config import load_config
+    from benchmarks.child import is_out_of_memory
+    from engine.config import RGBReFLConfig, load_config
     from engine.trainer import Trainer
 
     cuda = torch.cuda.is_available()
+    doing = "building the trainer"
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [f"model.preset={case['preset']}", f"data.latent_shape={case['latent']}", "data.num_samples=2",
                      f"data.text_tokens={case['text_tokens']}", f"output_dir={run_dir}", "train.export=false",
@@ -125,9 +128,10 @@ def run_case(case: dict) -> dict:
                      f"prfl.sft_weight={1.0 if case['sft'] == 'on' else 0.0}", "memory.checkpointing=true",
                      f"memory.offload={str(case['offload']).lower()}",
                      f"lora.rank={LORA_RANK if case['tuning'] == 'lora' else 0}"]
-        config = load_config(ROOT / "configs/tiny.yaml", overrides)
-        trainer = Trainer(config, json.loads((ROOT / case["ds_config"]).read_text()))
         try:
+            config = load_config(ROOT / "configs/tiny.yaml", overrides)
+            trainer = Trainer(config, json.loads((ROOT / case["ds_config"]).read_text()))
+            doing = "building the reward step"
             reward_step, step = build_step(case, config, trainer)
             timer = PhaseTimer(cuda)
             for name in ("rollout", "reward"):
@@ -137,11 +141,13 @@ def run_case(case: dict) -> dict:
             engine = trainer.engine
             engine.backward, engine.step = timer.wrap("backward", engine.backward), timer.wrap("optimizer", engine.step)
             timed_step = timer.wrap("step_call", step)
+            doing = "the warm-up step"
             trainer.train_step(timed_step)  # warm-up: allocator, DeepSpeed buffers, CPU Adam
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()  # building the models left fp32 copies in the cache; not the step's
                 torch.cuda.reset_peak_memory_stats()
+            doing = "the timed steps"
             rows = []
             for _ in range(case["steps"]):
                 timer.times = {}
@@ -153,11 +159,11 @@ def run_case(case: dict) -> dict:
                              "rollout": t["rollout"], "reward": t["reward"], "decode": t.get("decode", 0.0),
                              "gradient_forward": t["step_call"] - t["rollout"] - t["reward"],
                              "backward": t["backward"], "optimizer": t["optimizer"]})
-        except torch.cuda.OutOfMemoryError as e:
-            return {"status": "OOM", "error": str(e).splitlines()[0]}
+        except Exception as e:
+            if is_out_of_memory(e):
+                return {"status": "OOM", "while": doing, "error": str(e).splitlines()[0]}
+            raise
     per_rollout_step = [r["rollout"] / r["k"] for r in rows if r["k"]]
-    from engine.config import RGBReFLConfig
-
     stage = config.prfl.stage if case["method"] == "prfl" else RGBReFLConfig.stage
     expected_k = mean_step_index(case["sampling_steps"], stage)
     median = statistics.median(r["step_s"] for r in rows)
@@ -173,24 +179,34 @@ def run_case(case: dict) -> dict:
     }
 
 
-def run_in_subprocess(case: dict, timeout: float) -> dict:
-    """Run a case in a fresh process; on OOM retry once with activation offload. Returns the case with its result
-    and every attempt's settings."""
-    attempts = []
-    for offload in ((False, True) if not case["smoke"] else (False,)):
-        attempt = {**case, "offload": offload}
-        cmd = [sys.executable, __file__, "--case", json.dumps(attempt)]
-        try:
-            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            result = json.loads(lines[-1][7:]) if lines else \
-                {"status": f"failed ({done.returncode})", "stderr": done.stderr[-2000:]}
-        except subprocess.TimeoutExpired:
-            result = {"status": f"timeout ({timeout:.0f} s)"}
-        attempts.append({"activation_offload": offload, "status": result["status"]})
-        if result["status"] != "OOM":
-            break
-    return {**case, **result, "activation_offload": offload, "attempts": attempts}
+def make_case(model: str, resolution: str, method: str, tuning: str, sft: str, *, steps: int, sampling_steps: int,
+              text_tokens: int = 512, ds_config: str = "ds_configs/z3_offload.json", smoke: bool = False) -> dict:
+    """A case of the matrix (smoke: the tiny model at a tiny latent)."""
+    preset, latent = ("tiny", (3, 4, 6)) if smoke else (MODELS[model], RESOLUTIONS[resolution])
+    return {"model": "tiny" if smoke else model, "preset": preset, "resolution": "smoke" if smoke else resolution,
+            "latent": list(latent), "tokens": latent[0] * latent[1] * latent[2] // 4, "method": method,
+            "tuning": tuning, "sft": sft, "steps": steps, "sampling_steps": sampling_steps,
+            "text_tokens": text_tokens, "ds_config": ds_config, "smoke": smoke}
+
+
+def measure(case: dict, timeout: float) -> dict:
+    """One case in a child process of its own (benchmarks/child.py); on a GPU, retried with activation offload
+    after an out-of-memory error."""
+    return with_offload_retry("benchmarks.step_memory_speed", case, timeout, retry=not case["smoke"])
+
+
+def make_report(results: list[dict], *, ds_config: str, steps: int, sampling_steps: int, text_tokens: int,
+                smoke: bool) -> dict:
+    """The report of measured cases: the cases' results and every setting they share."""
+    import deepspeed
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "gpus": 1, "sp_size": 1,
+            "ds_config": ds_config, "precision": "bf16" if cuda else "fp32", "steps": steps,
+            "sampling_steps": sampling_steps, "text_tokens": text_tokens, "lora_rank": LORA_RANK,
+            "pavrm_blocks": REWARD_BLOCKS, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "smoke": smoke, "results": results}
 
 
 def label(r: dict) -> str:
@@ -225,6 +241,11 @@ def write_reports(report: dict, stem: Path) -> None:
     lines += ["", "k drawn per timed step: " + "; ".join(f"{label(r)}: {r['k']}" for r in ok)]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
 
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # a bare GPU image: the tables are the report
+        print(f"matplotlib is not installed: no {stem}.png", flush=True)
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,40 +286,34 @@ def main() -> int:
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one attempt, run by the parent process
     args = parser.parse_args()
     if args.case:
-        print("RESULT " + json.dumps(run_case(json.loads(args.case))), flush=True)
-        return 0
+        return report_case(lambda: run_case(json.loads(args.case)))
 
-    import deepspeed
     import torch
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         parser.exit(2, "this benchmark measures GPU memory and time: run it on a CUDA GPU, or use --smoke\n")
-    models = {"tiny": "tiny"} if args.smoke else {m: MODELS[m] for m in args.models}
-    resolutions = {"smoke": (3, 4, 6)} if args.smoke else {r: RESOLUTIONS[r] for r in args.resolutions}
+    models = ["tiny"] if args.smoke else args.models
+    resolutions = ["smoke"] if args.smoke else args.resolutions
     sampling_steps, steps = (4, 1) if args.smoke else (args.sampling_steps, args.steps)
     text_tokens = 16 if args.smoke else args.text_tokens
     results = []
-    for model, preset in models.items():
-        for resolution, latent in resolutions.items():
+    for model in models:
+        for resolution in resolutions:
             for method in args.methods:
                 for tuning in args.tuning:
                     for sft in args.sft:
-                        case = {"model": model, "preset": preset, "resolution": resolution, "latent": list(latent),
-                                "tokens": latent[0] * latent[1] * latent[2] // 4, "method": method,
-                                "tuning": tuning, "sft": sft, "steps": steps, "sampling_steps": sampling_steps,
-                                "text_tokens": text_tokens, "ds_config": args.ds_config, "smoke": args.smoke}
-                        results.append(run_in_subprocess(case, args.case_timeout))
+                        case = make_case(model, resolution, method, tuning, sft, steps=steps,
+                                         sampling_steps=sampling_steps, text_tokens=text_tokens,
+                                         ds_config=args.ds_config, smoke=args.smoke)
+                        results.append(measure(case, args.case_timeout))
                         print(json.dumps({k: results[-1].get(k) for k in
                                           ("model", "resolution", "method", "tuning", "sft", "status",
                                            "step_time_s", "peak_allocated_gb")}), flush=True)
-    device = torch.cuda.get_device_name() if cuda else "cpu"
-    report = {"device": device, "gpus": 1, "sp_size": 1, "ds_config": args.ds_config, "precision":
-              "bf16" if cuda else "fp32", "steps": steps, "sampling_steps": sampling_steps, "text_tokens": text_tokens,
-              "lora_rank": LORA_RANK, "pavrm_blocks": REWARD_BLOCKS, "torch": torch.__version__,
-              "deepspeed": deepspeed.__version__, "smoke": args.smoke, "results": results}
+    report = make_report(results, ds_config=args.ds_config, steps=steps, sampling_steps=sampling_steps,
+                         text_tokens=text_tokens, smoke=args.smoke)
     out_dir = args.out or (Path(tempfile.mkdtemp()) if args.smoke else ROOT / "benchmarks/results")
-    out = out_dir / f"step-{device.replace(' ', '_')}"
+    out = out_dir / f"step-{report['device'].replace(' ', '_')}"
     write_reports(report, out)
     print(f"wrote {out}.json, .md and .png")
     return 0
