@@ -107,6 +107,12 @@ PRESETS: dict[str, DiTConfig] = {
 # backend (DiTConfig.kernel_backend); `use_triton` resolves it for the tensor at hand.
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in Wan's fp32 compute precision (residual stream, norms, modulation), or kept in float64: a float64 model
+    computes in float64 throughout (gradient checks against finite differences)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def use_triton(kernels: str, x: torch.Tensor) -> bool:
     """Whether the Triton kernels run on x: always with 'triton', with 'auto' when x is on a CUDA device."""
     return kernels == "triton" or (kernels == "auto" and x.is_cuda)
@@ -118,8 +124,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str = "
         from kernels.rms_norm import rms_norm as triton_rms_norm
 
         return triton_rms_norm(x, weight, eps)
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    x = wide(x)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * wide(weight)
 
 
 def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
@@ -130,7 +136,7 @@ def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
         from kernels.modulated_layer_norm import modulated_layer_norm as triton_modulated_layer_norm
 
         return triton_modulated_layer_norm(x.float(), shift, scale, eps)
-    x = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    x = F.layer_norm(wide(x), x.shape[-1:], eps=eps)
     return x * (1 + scale) + shift
 
 
@@ -143,7 +149,7 @@ def residual_modulated_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.
         from kernels.modulated_layer_norm import residual_modulated_layer_norm as triton_residual
 
         return triton_residual(x.float(), y, gate, shift, scale, eps)
-    x = x + (y.float() if gate is None else y.float() * gate)
+    x = x + (wide(y) if gate is None else wide(y) * gate)
     return x, modulated_layer_norm(x, shift, scale, eps)
 
 
@@ -183,15 +189,17 @@ def apply_rope(x: torch.Tensor, rope: Rope, kernels: str = "torch") -> torch.Ten
         from kernels.rope import apply_rope as triton_rope
 
         return triton_rope(x, rope.cos, rope.sin)
-    x = x.float().unflatten(-1, (-1, 2))
+    x = wide(x).unflatten(-1, (-1, 2))
     real, imag = x[..., 0], x[..., 1]
     return torch.stack((real * rope.cos - imag * rope.sin, real * rope.sin + imag * rope.cos), dim=-1).flatten(-2)
 
 
 def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A linear layer evaluated in fp32 whatever its parameters' dtype (Wan runs these under fp32 autocast)."""
-    bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.weight.float(), bias)
+    """A linear layer evaluated in fp32 whatever its parameters' dtype (Wan runs these under fp32 autocast); in
+    float64 for a float64 layer."""
+    dtype = wide(layer.weight).dtype
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -311,16 +319,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: Rope) -> torch.Tensor:
         """x [B, S, D] fp32 residual stream; e [B, 6, D] fp32 time modulation; context [B, L', D]."""
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).chunk(6, dim=1)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (wide(self.modulation) + e).chunk(6, dim=1)
         y = self.self_attn(modulated_layer_norm(x, shift_sa, scale_sa, self.eps, self.kernels), rope)
-        x = x + y.float() * gate_sa
+        x = x + wide(y) * gate_sa
         if isinstance(self.norm3, nn.LayerNorm):
-            h = F.layer_norm(x, x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
+            h = F.layer_norm(x, x.shape[-1:], wide(self.norm3.weight), wide(self.norm3.bias), self.eps)
         else:
             h = x
         x, h = residual_modulated_layer_norm(x, self.cross_attn(h, context), None, shift_ff, scale_ff, self.eps,
                                              self.kernels)
-        return x + self.ffn(h.to(self.ffn[0].weight.dtype)).float() * gate_ff
+        return x + wide(self.ffn(h.to(self.ffn[0].weight.dtype))) * gate_ff
 
 
 class Head(nn.Module):
@@ -332,7 +340,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [B, S, D], e [B, D] -> [B, S, out_dim * prod(patch)] fp32."""
-        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        shift, scale = (wide(self.modulation) + e.unsqueeze(1)).chunk(2, dim=1)
         return linear_fp32(self.head, modulated_layer_norm(x, shift, scale, self.eps, self.kernels))
 
 
@@ -347,11 +355,39 @@ class ImageEmbedding(nn.Module):
     def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
         norm_in, fc1, act, fc2, norm_out = self.proj
         dtype = fc1.weight.dtype
-        h = F.layer_norm(clip_fea.float(), norm_in.normalized_shape, norm_in.weight.float(), norm_in.bias.float(),
-                         norm_in.eps)
+        h = F.layer_norm(clip_fea.to(wide(norm_in.weight).dtype), norm_in.normalized_shape, wide(norm_in.weight),
+                         wide(norm_in.bias), norm_in.eps)
         h = fc2(act(fc1(h.to(dtype))))
-        return F.layer_norm(h.float(), norm_out.normalized_shape, norm_out.weight.float(), norm_out.bias.float(),
+        return F.layer_norm(wide(h), norm_out.normalized_shape, wide(norm_out.weight), wide(norm_out.bias),
                             norm_out.eps)
+
+
+class DiTInputs(NamedTuple):
+    """One evaluation's inputs, as `DiT.forward` takes them: x [B, C, F, H, W], t [B], context [B, L, text_dim] and,
+    for i2v, clip_fea [B, 257, clip_dim] and y [B, in_dim - C, F, H, W] (None for t2v)."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor
+    clip_fea: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+
+    def __call__(self, model) -> torch.Tensor:
+        """The model's output on these inputs (model: a DiT, or an engine wrapping one)."""
+        return model(self.x, self.t, self.context, clip_fea=self.clip_fea, y=self.y)
+
+    @staticmethod
+    def cat(*parts: "DiTInputs") -> "DiTInputs":
+        """The parts batched together (one evaluation); their i2v conditions must all be given or all absent."""
+        fields = []
+        for values in zip(*parts):
+            if all(v is None for v in values):
+                fields.append(None)
+            elif any(v is None for v in values):
+                raise ValueError("DiTInputs.cat: some parts carry an i2v condition (clip_fea, y) and others not")
+            else:
+                fields.append(torch.cat(values))
+        return DiTInputs(*fields)
 
 
 class Embedded(NamedTuple):
@@ -464,7 +500,7 @@ class DiT(nn.Module):
             x = torch.cat([x, y], dim=1)
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         grid = tuple(tokens.shape[2:])
-        tokens = tokens.flatten(2).transpose(1, 2).float()
+        tokens = wide(tokens.flatten(2).transpose(1, 2))
 
         time_mlp_in, _, time_mlp_out = self.time_embedding
         e = linear_fp32(time_mlp_out, F.silu(linear_fp32(time_mlp_in, sinusoidal_embedding(t, cfg.freq_dim))))

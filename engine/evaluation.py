@@ -34,6 +34,8 @@ class ValidationPrompt:
     context: torch.Tensor  # [L, text_dim]
     prompt: str | None  # the text, when the data carries it
     seed: int  # noise seed of the video
+    clip_fea: torch.Tensor | None = None  # i2v: the conditioning image's CLIP features [257, clip_dim]
+    y: torch.Tensor | None = None  # i2v: its first-frame condition [in_dim - C, f, h, w]
 
 
 def validation_prompts(config: RunConfig, model: DiTConfig, count: int | None = None
@@ -57,7 +59,14 @@ def validation_prompts(config: RunConfig, model: DiTConfig, count: int | None = 
         prompts = [None] * len(dataset)
     samples = [dataset[i % len(dataset)] for i in range(count)]
     shape = tuple(samples[0]["latents"].shape[1:])
-    return [ValidationPrompt(s["context"], prompts[i % len(dataset)], seed + i) for i, s in enumerate(samples)], shape
+    return [ValidationPrompt(s["context"], prompts[i % len(dataset)], seed + i, s.get("clip_fea"), s.get("y"))
+            for i, s in enumerate(samples)], shape
+
+
+def conditions(prompts: list[ValidationPrompt]) -> dict[str, list[torch.Tensor] | None]:
+    """The i2v conditions of a batch of prompts as sample_videos takes them (None for t2v)."""
+    return {"clip_fea": None if prompts[0].clip_fea is None else [p.clip_fea for p in prompts],
+            "y": None if prompts[0].y is None else [p.y for p in prompts]}
 
 
 class SampleEvaluation:
@@ -81,7 +90,8 @@ class SampleEvaluation:
         sampling, size = self.config.sampling, self.config.eval.batch_size
         return torch.cat([sample_videos(model, [p.context for p in chunk], [p.seed for p in chunk], self.shape,
                                         self.null_context, steps=sampling.steps, solver=sampling.solver,
-                                        shift=sampling.shift, guidance_scale=sampling.guidance_scale)
+                                        shift=sampling.shift, guidance_scale=sampling.guidance_scale,
+                                        **conditions(chunk))
                           for chunk in (self.prompts[i:i + size] for i in range(0, len(self.prompts), size))])
 
     @torch.no_grad()
@@ -93,7 +103,9 @@ class SampleEvaluation:
             chunk = self.prompts[start:start + size]
             context = torch.nn.utils.rnn.pad_sequence([p.context for p in chunk], batch_first=True)
             x = latents[start:start + size].to(device, dtype)
-            logits.append(self.reward_model(x, torch.zeros(len(x), device=device), context.to(device, dtype)).float())
+            condition = {k: None if v is None else torch.stack(v).to(device, dtype) for k, v in conditions(chunk).items()}
+            logits.append(self.reward_model(x, torch.zeros(len(x), device=device), context.to(device, dtype),
+                                            **condition).float())
         return torch.cat(logits).cpu()
 
     def __call__(self, trainer) -> dict[str, float]:

@@ -57,19 +57,26 @@ def seeded_noise(seed: int, shape: tuple[int, int, int], channels: int = 16) -> 
 
 def sample_videos(model: DiT, contexts: list[torch.Tensor], seeds: list[int], shape: tuple[int, int, int],
                   negative_context: torch.Tensor | None = None, *, steps: int = 40,
-                  solver: Literal["euler", "unipc"] = "unipc", shift: float = 5.0,
-                  guidance_scale: float = 1.0) -> torch.Tensor:
+                  solver: Literal["euler", "unipc"] = "unipc", shift: float = 5.0, guidance_scale: float = 1.0,
+                  clip_fea: list[torch.Tensor] | None = None, y: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Denoise one video per (context [L_i, text_dim], seed) in one batch; returns latents [B, C, f, h, w] (fp32,
     CPU). `negative_context` [L, text_dim] is shared by the batch (classifier-free guidance when the scale != 1).
+    Image-to-video: `clip_fea` ([257, clip_dim] each) and `y` ([in_dim - C, f, h, w] each) condition every
+    evaluation, the unconditional branch too (it drops only the prompt, as Wan's I2V pipeline does).
     `model` may be the DeepSpeed engine wrapping the DiT (ZeRO-3 gathers each layer's parameters as it runs)."""
     if len(contexts) != len(seeds):
         raise ValueError(f"{len(contexts)} contexts but {len(seeds)} seeds: expected one seed per video")
+    for name, condition in (("clip_fea", clip_fea), ("y", y)):
+        if condition is not None and len(condition) != len(seeds):
+            raise ValueError(f"{len(condition)} {name} tensors for {len(seeds)} videos: expected one per video")
     device = next(model.parameters()).device
     channels = getattr(model, "module", model).config.out_dim
     noise = torch.stack([seeded_noise(seed, shape, channels) for seed in seeds]).to(device)
     # Zero-padding the prompts to the batch's longest changes nothing: the DiT zero-pads every prompt to text_len.
     context = collate([{"context": c} for c in contexts])["context"].to(device)
     negative = None if negative_context is None else negative_context.expand(len(seeds), -1, -1).to(device)
-    latents = sample(lambda x, t, c: model(x, t, c), noise, context, steps=steps, solver=solver, shift=shift,
-                     guidance_scale=guidance_scale, negative_context=negative)
+    image = None if clip_fea is None else torch.stack(clip_fea).to(device)
+    condition = None if y is None else torch.stack(y).to(device)
+    latents = sample(lambda x, t, c: model(x, t, c, clip_fea=image, y=condition), noise, context, steps=steps,
+                     solver=solver, shift=shift, guidance_scale=guidance_scale, negative_context=negative)
     return latents.cpu()

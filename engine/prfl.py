@@ -2,12 +2,18 @@
 with gradients, and let the frozen reward model score x_{k+1} at t_{k+1}, in latent space.
 
     step = PRFLStep(run_config.prfl, run_config.sampling, reward_model)      # reward_model: a frozen RewardModel
-    loss, metrics = step(generator, batch, rng)                             # batch: latents (for the shape), context
+    loss, metrics = step(generator, batch, rng)    # batch: latents (for the shape), context (+ clip_fea, y for i2v)
 
 Only step k keeps activations: steps 0..k-1 run without gradients. The reward model is frozen for
 real (no parameter takes a gradient); only the gradient with respect to its input latent flows back into the
 generator. The step index k comes from the micro-batch's shared draw, so every rank takes the same number of
 model evaluations (ZeRO-3 gathers parameters collectively).
+
+Image-to-video: every evaluation of the chain, step k's and the SFT loss's get the sample's CLIP features and
+first-frame condition `y`, and so does the reward model scoring x_{k+1} (as the reference does). Under rollout
+guidance the unconditional branch drops the prompt only and keeps the image, as Wan's I2V pipeline does (its
+`arg_null` keeps `clip_fea` and `y`; diffusers' WanImageToVideoPipeline passes the image embeddings and the condition
+to both branches).
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from engine.config import PRFLConfig, SamplingConfig
+from engine.config import ConfigError, PRFLConfig, SamplingConfig
 from engine.data import SampleRandomness
+from engine.dit import DiTConfig, DiTInputs, wide
 from engine.flow import NUM_TRAIN_TIMESTEPS, guided_velocity, make_scheduler
+
 
 def stage_steps(stage: str, steps: int) -> range:
     """The step indices k (0-based, of `steps`) a stage draws from: the paper's thirds of the chain (early / middle
@@ -46,9 +54,22 @@ def stage_of(k: int, steps: int) -> str:
     return next(stage for stage in ("early", "middle", "late") if k in stage_steps(stage, max(steps, 3)))
 
 
+def check_reward_model(generator: DiTConfig, trunk: DiTConfig, generator_source: str, reward_source: str) -> None:
+    """A PAVRM reads what its generator is conditioned on (text, or text + image) and the latents it makes; one that
+    does not is refused at start-up, naming both."""
+    if trunk.model_type != generator.model_type:
+        raise ConfigError(f"{reward_source} is a {trunk.model_type} reward model but {generator_source} is a "
+                          f"{generator.model_type} generator: a PAVRM scores with its generator's conditioning; train "
+                          f"a {generator.model_type} PAVRM on it (runners/pavrm.py)")
+    condition = trunk.in_dim - trunk.out_dim  # the i2v condition's channels (0 for t2v)
+    if generator.out_dim + condition != trunk.in_dim:
+        raise ConfigError(f"{reward_source} reads {trunk.in_dim - condition}-channel latents but {generator_source} "
+                          f"makes {generator.out_dim}-channel ones")
+
+
 def reward_loss(logits: torch.Tensor, config: PRFLConfig) -> torch.Tensor:
-    """weight * objective(logit), averaged over the batch, in fp32."""
-    r = logits.float()
+    """weight * objective(logit), averaged over the batch, in fp32 (float64 for a float64 reward model)."""
+    r = wide(logits)
     if config.objective == "logit":
         per_sample = -r
     elif config.objective == "log_sigmoid":
@@ -68,6 +89,8 @@ class Rollout(NamedTuple):
     scheduler: object  # the diffusers scheduler, its multistep history up to step k
     context: torch.Tensor
     negative: torch.Tensor | None  # empty-prompt context for guidance, or None
+    clip_fea: torch.Tensor | None = None  # i2v: the samples' CLIP features and first-frame condition
+    y: torch.Tensor | None = None
 
 
 class PRFLStep:
@@ -90,7 +113,7 @@ class PRFLStep:
         self.step_override = step_override  # tests: a fixed k
 
     def rollout(self, model, batch: dict[str, torch.Tensor], rng: SampleRandomness) -> Rollout:
-        context = batch["context"]
+        context, clip_fea, y = batch["context"], batch.get("clip_fea"), batch.get("y")
         x = rng.randn(*batch["latents"].shape[1:]).float()
         steps = self.sampling.steps
         k = self.step_override if self.step_override is not None else \
@@ -100,43 +123,58 @@ class PRFLStep:
             negative = F.pad(self.null_context.to(context), (0, 0, 0, context.shape[1] - self.null_context.shape[0]))
             negative = negative.expand_as(context)
         scheduler = make_scheduler(self.sampling.solver, steps, self.sampling.shift, device=x.device)
+
+        def velocity(x_t, t, text):  # both guidance branches see the image
+            return model(x_t, t, text, clip_fea=clip_fea, y=y)
+
         # no_grad, not inference_mode: under ZeRO-3 the parameters gathered for the rollout would become inference
         # tensors that the gradient step then cannot use.
         with torch.no_grad():
             for t in scheduler.timesteps[:k]:
-                v = guided_velocity(model, x, t.float().expand(x.shape[0]).to(x.device), context,
+                v = guided_velocity(velocity, x, t.float().expand(x.shape[0]).to(x.device), context,
                                     self.config.rollout_guidance, negative)
                 x = scheduler.step(v.float(), t, x, return_dict=False)[0]
-        return Rollout(x, k, scheduler, context, negative)
+        return Rollout(x, k, scheduler, context, negative, clip_fea, y)
 
-    def gradient_inputs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, t, context) of step k's model evaluation; conditional and unconditional halves under guidance."""
-        x, context = rollout.x, rollout.context
+    def gradient_inputs(self, rollout: Rollout) -> DiTInputs:
+        """Step k's model evaluation; conditional and unconditional halves under guidance."""
+        x = rollout.x
         t = rollout.scheduler.timesteps[rollout.k].float().expand(x.shape[0]).to(x.device)
+        conditional = DiTInputs(x, t, rollout.context, rollout.clip_fea, rollout.y)
         if rollout.negative is None:
-            return x, t, context
-        return torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, rollout.negative])
+            return conditional
+        return DiTInputs.cat(conditional, conditional._replace(context=rollout.negative))
+
+    def guided(self, rollout: Rollout, velocity: torch.Tensor) -> torch.Tensor:
+        """Step k's velocity from the model's output on `gradient_inputs` (guidance applied)."""
+        if rollout.negative is None:
+            return wide(velocity)
+        conditional, unconditional = wide(velocity).chunk(2)
+        return unconditional + self.config.rollout_guidance * (conditional - unconditional)
+
+    def metrics(self, loss: torch.Tensor, scores: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+        """What a reward step logs: its loss, the reward's mean and spread in the micro-batch, the reward under the
+        third of the chain k lies in, and where k fell."""
+        scores = scores.detach()
+        return {"loss/reward": loss.detach(), "reward/logit_mean": scores.mean(),
+                "reward/logit_std": scores.std(unbiased=False),  # within the micro-batch
+                f"reward/logit_{stage_of(k, self.sampling.steps)}": scores.mean(),
+                "reward/step_fraction": torch.tensor(k / self.sampling.steps, device=scores.device)}
 
     def reward(self, rollout: Rollout, velocity: torch.Tensor):
         """Finish step k with the model's output on `gradient_inputs` and score x_{k+1} at t_{k+1}."""
-        if rollout.negative is not None:
-            conditional, unconditional = velocity.float().chunk(2)
-            velocity = unconditional + self.config.rollout_guidance * (conditional - unconditional)
         scheduler, k, x = rollout.scheduler, rollout.k, rollout.x
-        x_next = scheduler.step(velocity.float(), scheduler.timesteps[k], x, return_dict=False)[0]
+        x_next = scheduler.step(self.guided(rollout, velocity), scheduler.timesteps[k], x, return_dict=False)[0]
         t_next = (scheduler.sigmas[k + 1] * NUM_TRAIN_TIMESTEPS).float().expand(x.shape[0]).to(x.device)
         reward_dtype = next(self.reward_model.parameters()).dtype
-        logits = self.reward_model(x_next.to(reward_dtype), t_next, rollout.context).float()
+        logits = wide(self.reward_model(x_next.to(reward_dtype), t_next, rollout.context, clip_fea=rollout.clip_fea,
+                                        y=rollout.y))
         loss = reward_loss(logits, self.config)
-        logits = logits.detach()
-        return loss, {"loss/reward": loss.detach(), "reward/logit_mean": logits.mean(),
-                      "reward/logit_std": logits.std(unbiased=False),  # within the micro-batch
-                      f"reward/logit_{stage_of(k, self.sampling.steps)}": logits.mean(),
-                      "reward/step_fraction": torch.tensor(k / self.sampling.steps, device=logits.device)}
+        return loss, self.metrics(loss, logits, k)
 
     def __call__(self, model, batch: dict[str, torch.Tensor], rng: SampleRandomness):
         rollout = self.rollout(model, batch, rng)
-        return self.reward(rollout, model(*self.gradient_inputs(rollout)))
+        return self.reward(rollout, self.gradient_inputs(rollout)(model))
 
 
 class PRFLWithSFTStep:
@@ -155,12 +193,12 @@ class PRFLWithSFTStep:
             loss, metrics = self.reward_step(model, batch, rng)
             return loss, {**metrics, "loss/total": loss.detach()}
         rollout = self.reward_step.rollout(model, batch, rng)
-        x, t, context = self.reward_step.gradient_inputs(rollout)
-        sft_x, sft_t, sft_context, target = self.sft_step.inputs(batch, rng)
-        if sft_context.shape[1] != context.shape[1]:
+        reward_inputs = self.reward_step.gradient_inputs(rollout)
+        sft_inputs, target = self.sft_step.inputs(batch, rng)
+        if sft_inputs.context.shape[1] != reward_inputs.context.shape[1]:
             raise ValueError("the reward and SFT contexts differ in length; pad the dataset's text embeddings alike")
-        velocity = model(torch.cat([x, sft_x]), torch.cat([t, sft_t]), torch.cat([context, sft_context]))
-        loss, metrics = self.reward_step.reward(rollout, velocity[: len(x)])
-        sft_loss = F.mse_loss(velocity[len(x):].float(), target.float())
+        velocity = DiTInputs.cat(reward_inputs, sft_inputs)(model)
+        loss, metrics = self.reward_step.reward(rollout, velocity[: len(reward_inputs.x)])
+        sft_loss = F.mse_loss(wide(velocity[len(reward_inputs.x):]), target.to(wide(velocity).dtype))
         total = loss + self.sft_weight * sft_loss
         return total, {**metrics, "loss/sft": sft_loss.detach(), "loss/total": total.detach()}

@@ -41,7 +41,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Qwen2V
 from engine.config import ConfigError, PRFLConfig, RGBReFLConfig, RunConfig, SamplingConfig
 from engine.encoders import VAE, _check_loaded
 from engine.flow import predict_x0
-from engine.prfl import PRFLStep, Rollout, reward_loss, stage_of
+from engine.prfl import PRFLStep, Rollout, reward_loss
 
 HEAD_FILE = "head.safetensors"
 
@@ -292,17 +292,10 @@ class RGBReFLStep(PRFLStep):
 
     def reward(self, rollout: Rollout, velocity: torch.Tensor):
         """x0 = x_k - sigma_k * v from step k's output on `gradient_inputs`; decode; score; loss."""
-        if rollout.negative is not None:
-            conditional, unconditional = velocity.float().chunk(2)
-            velocity = unconditional + self.config.rollout_guidance * (conditional - unconditional)
         sigma = rollout.scheduler.sigmas[rollout.k].expand(rollout.x.shape[0]).to(rollout.x.device)
-        scores = self.reward_model(self.decode(predict_x0(rollout.x, velocity.float(), sigma))).float()
+        scores = self.reward_model(self.decode(predict_x0(rollout.x, self.guided(rollout, velocity), sigma))).float()
         loss = reward_loss(scores, self.config)
-        scores = scores.detach()
-        return loss, {"loss/reward": loss.detach(), "reward/logit_mean": scores.mean(),
-                      "reward/logit_std": scores.std(unbiased=False),  # within the micro-batch
-                      f"reward/logit_{stage_of(rollout.k, self.sampling.steps)}": scores.mean(),
-                      "reward/step_fraction": torch.tensor(rollout.k / self.sampling.steps, device=scores.device)}
+        return loss, self.metrics(loss, scores, rollout.k)
 
 
 def build_reward_model(config: RGBReFLConfig) -> _FrozenScorer:

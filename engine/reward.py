@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from engine.atomic import atomic_directory
-from engine.dit import DiT, DiTConfig
+from engine.dit import DiT, DiTConfig, wide
 
 FROZEN_EMBEDDINGS = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "img_emb", "head")
 
@@ -95,7 +95,7 @@ class QueryAttentionPool(nn.Module):
         batch, heads = tokens.shape[0], self.num_heads
 
         def split(x):  # [B, L, D] -> [B, N, L, Dh]
-            return x.unflatten(-1, (heads, -1)).transpose(1, 2).float()
+            return wide(x.unflatten(-1, (heads, -1)).transpose(1, 2))
 
         q = split(F.linear(self.queries.to(dtype).expand(batch, -1, -1), w_q, b_q))
         k = split(F.linear(tokens.to(dtype), w_k, b_k))
@@ -113,8 +113,8 @@ class QueryAttentionPool(nn.Module):
         if shards is not None:
             numerator, denominator = shards.sum(numerator), shards.sum(denominator)
         pooled = (numerator / denominator).transpose(1, 2).flatten(2)  # [B, Q, D]
-        pooled = F.linear(pooled.to(dtype), attn.out_proj.weight, attn.out_proj.bias).float()
-        return pooled + self.queries.float() if self.query_residual else pooled
+        pooled = wide(F.linear(pooled.to(dtype), attn.out_proj.weight, attn.out_proj.bias))
+        return pooled + wide(self.queries) if self.query_residual else pooled
 
 
 class RewardMLP(nn.Module):
@@ -129,7 +129,7 @@ class RewardMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.fc1.weight.dtype
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.to(dtype)))))).float().squeeze(-1)
+        return wide(self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.to(dtype))))))).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from engine.config import SFTConfig
 from engine.data import SampleRandomness
+from engine.dit import DiTInputs
 from engine.flow import add_noise, timestep_from_sigma, training_sigmas, velocity_target
 
 
@@ -24,17 +25,18 @@ class SFTStep:
     def __init__(self, config: SFTConfig, null_context: torch.Tensor) -> None:
         self.config, self.null_context = config, null_context
 
-    def inputs(self, batch: dict[str, torch.Tensor], rng: SampleRandomness):
-        """(x_t, t, context, target) of the flow-matching loss: noised latents, their timesteps, the prompts with
-        dropout applied, and the velocity to regress."""
+    def inputs(self, batch: dict[str, torch.Tensor], rng: SampleRandomness) -> tuple[DiTInputs, torch.Tensor]:
+        """(model inputs, target) of the flow-matching loss: noised latents, their timesteps, the prompts with
+        dropout applied (the image condition of i2v is kept), and the velocity to regress."""
         x0 = batch["latents"]
         noise = rng.randn(*x0.shape[1:]).to(x0)
         sigma = training_sigmas(rng.rand(), self.config.timesteps, self.config.shift).view(-1).to(x0.device)
         context = drop_prompts(batch["context"], self.null_context, rng.rand().view(-1) < self.config.text_dropout)
-        return add_noise(x0, noise, sigma), timestep_from_sigma(sigma), context, velocity_target(x0, noise)
+        inputs = DiTInputs(add_noise(x0, noise, sigma), timestep_from_sigma(sigma), context, batch.get("clip_fea"),
+                           batch.get("y"))
+        return inputs, velocity_target(x0, noise)
 
     def __call__(self, model, batch: dict[str, torch.Tensor], rng: SampleRandomness):
-        x_t, t, context, target = self.inputs(batch, rng)
-        velocity = model(x_t, t, context, clip_fea=batch.get("clip_fea"), y=batch.get("y"))
-        loss = F.mse_loss(velocity.float(), target.float())
+        inputs, target = self.inputs(batch, rng)
+        loss = F.mse_loss(inputs(model).float(), target.float())
         return loss, {"loss/sft": loss.detach()}

@@ -23,16 +23,29 @@ from engine.cli import parse_run
 from engine.config import ConfigError
 from engine.evaluation import HeldOutReport, SampleEvaluation, validation_prompts
 from engine.parallel import exit_process
-from engine.prfl import PRFLStep, PRFLWithSFTStep
+from engine.dit import DiTConfig
+from engine.prfl import PRFLStep, PRFLWithSFTStep, check_reward_model
 from engine.reward import RewardModel
 from engine.sft import SFTStep
 from engine.trainer import Trainer, dry_run
+from engine.weights import read_config
+
+
+def generator_source(config) -> str:
+    return f"model.path={config.model.path}" if config.model.path else f"model.preset={config.model.preset}"
+
+
+def check_reward_task(config, generator: DiTConfig) -> None:
+    """A PAVRM of the generator's task (t2v / i2v), read from its folder's config before anything is built."""
+    check_reward_model(generator, read_config(Path(config.reward.path) / "trunk"), generator_source(config),
+                       f"reward.path={config.reward.path}")
 
 
 def load_reward_model(trainer: Trainer) -> RewardModel:
     """The frozen PAVRM, run like the generator (sequence-parallel, blocks checkpointed): only the gradient with
     respect to its input latent flows, so it holds no optimizer state and keeps no parameter gradient."""
     model_config = trainer.config.model
+    check_reward_task(trainer.config, trainer.transformer.config)
     reward = RewardModel.from_pretrained(trainer.config.reward.path, dtype=trainer.dtype,
                                          attention_backend=model_config.attention_backend,
                                          kernel_backend=model_config.kernel_backend)
@@ -52,6 +65,9 @@ def main(argv=None) -> int:
                 if not Path(path).exists():
                     raise ConfigError(f"{path} does not exist yet: a run trains it first (bootstrap.enabled), a dry "
                                       "run does not; `python runners/synthetic.py bootstrap` writes it")
+            if config.reward.path is not None:
+                check_reward_task(config, read_config(config.model.path) if config.model.path else
+                                  DiTConfig.preset(config.model.preset))
             print(json.dumps(dry_run(config, ds_config), indent=2))
             return 0
         if config.bootstrap.enabled:

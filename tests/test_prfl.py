@@ -78,8 +78,8 @@ class RolloutWith(torch.nn.Module):
         super().__init__()
         self.rollout, self.model = rollout, model
 
-    def forward(self, *args):
-        return (self.model if torch.is_grad_enabled() else self.rollout)(*args)
+    def forward(self, *args, **kwargs):
+        return (self.model if torch.is_grad_enabled() else self.rollout)(*args, **kwargs)
 
 
 @pytest.mark.parametrize("k", [0, 2, 3])
