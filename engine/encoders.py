@@ -172,3 +172,10 @@ class ImageEncoder:
         pixel_values = inputs.pixel_values.to(self.device, self.model.dtype)
         hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
         return hidden[0].float().cpu().contiguous()
+
+
+def image_conditions(frames: torch.Tensor, image_encoder: ImageEncoder, vae: VAE) -> dict[str, torch.Tensor]:
+    """Wan's i2v conditions of a clip [3, F, H, W] in [-1, 1], of which only the first frame is read: `clip_fea`, that
+    frame's CLIP features [257, clip_dim], and `y`, the first-frame condition [4 + 16, f, h, w] (VAE.i2v_condition).
+    Preprocessing (from a video's first frame) and sampling (from an image) build them alike."""
+    return {"clip_fea": image_encoder.encode(frames[:, 0]), "y": vae.i2v_condition(frames)}

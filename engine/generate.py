@@ -14,6 +14,7 @@ batch it is sampled in or the device it runs on.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -43,6 +44,20 @@ def latent_shape(frames: int, height: int, width: int, patch_size: tuple[int, in
             raise ValueError(f"{name}={size}: expected a positive multiple of {s * p} (VAE stride {s} x DiT patch "
                              f"{p})")
     return latent_frames, height // stride[1], width // stride[2]
+
+
+def i2v_size(image_width: int, image_height: int, area: int, multiple: int = 16) -> tuple[int, int]:
+    """(width, height) of an image-to-video clip as Wan sizes it: the image's aspect ratio at about `area` pixels
+    (e.g. 832 x 480), each side rounded down to a multiple of the VAE stride x DiT patch (diffusers'
+    WanImageToVideoPipeline example; Wan's generate.py for i2v does the same). A portrait image gives a portrait clip.
+    """
+    aspect = image_height / image_width
+    height = round(math.sqrt(area * aspect)) // multiple * multiple
+    width = round(math.sqrt(area / aspect)) // multiple * multiple
+    if height < multiple or width < multiple:
+        raise ValueError(f"an image of {image_width}x{image_height} at {area} pixels gives a {width}x{height} clip: "
+                         f"expected both sides at least {multiple}")
+    return width, height
 
 
 def video_size(shape: tuple[int, int, int], stride: tuple[int, int, int] = VAE_STRIDE) -> tuple[int, int, int]:

@@ -233,8 +233,9 @@ class Encoders:
         clip = read_clip(record.video, config.fps, config.frames, config.size_for)
         tensors = {"latents": self.vae.encode(clip.frames), "context": self.text.encode([record.prompt])[0]}
         if config.task == "i2v":
-            tensors["clip_fea"] = self.image.encode(clip.frames[:, 0])
-            tensors["y"] = self.vae.i2v_condition(clip.frames)
+            from engine.encoders import image_conditions
+
+            tensors.update(image_conditions(clip.frames, self.image, self.vae))
         height, width = clip.frames.shape[2:]
         meta = {"prompt": record.prompt, **record.meta, "video": str(record.video), "fps": config.fps,
                 "frames": config.frames, "size": [width, height], "source": clip.source}

@@ -120,6 +120,19 @@ def read_clip(path: str | Path, fps: float, num_frames: int,
     return Clip(frames=video.float() / 127.5 - 1.0, source=source)
 
 
+def read_image(path: str | Path, size_for: Callable[[int, int], tuple[int, int]]) -> torch.Tensor:
+    """An image file (PNG, JPEG, ...: anything FFmpeg decodes) as the first frame of a clip is read by `read_clip`:
+    scaled to cover `size_for(width, height)` and centre-cropped to it; [3, H, W] RGB in [-1, 1]. Raises VideoError
+    naming the file for a missing or unreadable image."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"{path}: no such file")
+    try:
+        return read_clip(path, 1.0, 1, size_for).frames[:, 0]
+    except VideoError as e:
+        raise VideoError(f"{path}: not a readable image ({str(e).removeprefix(f'{path}: ')})") from None
+
+
 def write_mp4(path: str | Path, frames: torch.Tensor, fps: float, crf: int = 18) -> Path:
     """Write RGB frames [3, F, H, W] in [-1, 1] as an H.264 mp4 (yuv420p, so H and W must be even), through a
     temporary name and a rename."""

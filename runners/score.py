@@ -7,7 +7,8 @@
 A sample is a safetensors file with `latents` [16, F, H, W] and `context` [L, text_dim] (the project's on-disk
 format, see engine/data.py); a list gives prompts through its meta files, a folder through the files' metadata
 (`prompt`). The synthetic benchmark's generated samples carry no text embedding: `--toy-text-encoder` encodes
-their prompts with its toy encoder. Timestep t is 1000 * sigma; t = 0 scores the clean latent. The noise of a
+their prompts with its toy encoder. An i2v reward model also reads each sample's `clip_fea` and `y` (runners/sample.py
+and runners/preprocess.py store them for i2v). Timestep t is 1000 * sigma; t = 0 scores the clean latent. The noise of a
 sample is fixed by `--seed` and the sample's position, so scores at different timesteps share it.
 """
 
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+CONDITION = ("clip_fea", "y")  # an i2v sample's image features and first-frame condition
+
 
 def samples_from_list(list_file: Path):
     from engine.data import LatentListDataset
@@ -27,7 +30,8 @@ def samples_from_list(list_file: Path):
     dataset = LatentListDataset(list_file)
     for index, (meta, path) in enumerate(zip(dataset.metas, dataset.sample_paths)):
         sample = dataset[index]
-        yield str(path), meta.get("prompt", ""), sample["latents"], sample["context"]
+        yield str(path), meta.get("prompt", ""), sample["latents"], sample["context"], \
+            {k: sample[k] for k in CONDITION if k in sample}
 
 
 def samples_from_folder(folder: Path, toy_text_encoder: bool):
@@ -40,6 +44,7 @@ def samples_from_folder(folder: Path, toy_text_encoder: bool):
             if "latents" not in f.keys():
                 raise KeyError(f"{file}: no tensor 'latents' (has {', '.join(f.keys())})")
             latents = f.get_tensor("latents")
+            condition = {k: f.get_tensor(k) for k in CONDITION if k in f.keys()}
             if "context" in f.keys():
                 context = f.get_tensor("context")
             elif toy_text_encoder:
@@ -49,7 +54,7 @@ def samples_from_folder(folder: Path, toy_text_encoder: bool):
             else:
                 raise KeyError(f"{file}: no tensor 'context' (the text embedding); for the synthetic benchmark's "
                                "samples pass --toy-text-encoder")
-        yield str(file), prompt, latents, context
+        yield str(file), prompt, latents, context, condition
 
 
 def main(argv=None) -> int:
@@ -78,12 +83,18 @@ def main(argv=None) -> int:
         samples = samples_from_list(args.list) if args.list else samples_from_folder(args.folder, args.toy_text_encoder)
         rows = []
         with torch.no_grad():
-            for index, (path, prompt, latents, context) in enumerate(samples):
+            i2v = model.trunk.config.model_type == "i2v"
+            for index, (path, prompt, latents, context, condition) in enumerate(samples):
+                if i2v and len(condition) < len(CONDITION):
+                    raise KeyError(f"{path}: an i2v reward model needs the sample's {' and '.join(CONDITION)} "
+                                   f"(has {', '.join(condition) or 'neither'})")
+                condition = {k: v[None].to(device) for k, v in condition.items()} if i2v else {}
                 noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + index))
                 for t in args.timesteps:
                     sigma = torch.tensor([t / 1000])
                     x_t = add_noise(latents[None], noise[None], sigma).to(device)
-                    logit = model(x_t, torch.tensor([t], device=device), context[None].to(device)).item()
+                    logit = model(x_t, torch.tensor([t], device=device), context[None].to(device),
+                                  **condition).item()
                     rows.append({"path": path, "prompt": prompt, "timestep": t, "logit": logit,
                                  "probability": torch.sigmoid(torch.tensor(logit)).item()})
     except (ValueError, KeyError, FileNotFoundError) as e:

@@ -197,3 +197,127 @@ def test_command_line_exit_status_and_help(assets, tmp_path):
                                text=True, timeout=120).stdout
     for flag in ("--lora-scale", "--prompts", "--seeds", "--negative-prompt", "--synthetic", "--vae", "index.jsonl"):
         assert flag in help_text
+
+
+# -- image-to-video ---------------------------------------------------------------------------------------------
+
+
+def write_image(path: Path, width: int, height: int, seed: int) -> Path:
+    from PIL import Image
+
+    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def i2v_assets(assets) -> Path:
+    randomized_dit("tiny-i2v").save_pretrained(assets / "i2v-model")
+    write_image(assets / "landscape.png", 90, 60, seed=0)
+    write_image(assets / "portrait.png", 60, 90, seed=1)
+    write_image(assets / "other.png", 90, 60, seed=2)
+    return assets
+
+
+def i2v_args(assets: Path, prompts: Path, out: Path) -> list[str]:
+    return ["--model", str(assets / "i2v-model"), "--text-encoder", str(assets / "encoders/text_encoder"),
+            "--vae", str(assets / "encoders/vae"), "--prompts", str(prompts), *SIZE, "--steps", "2", "--out",
+            str(out)]
+
+
+def diffusers_conditions(assets: Path, image: Path, width: int, height: int) -> dict[str, torch.Tensor]:
+    """What diffusers' WanImageToVideoPipeline builds from the same pixels: the first-frame condition
+    (prepare_latents) and the CLIP features (encode_image)."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    from engine.video import read_image
+
+    frame = read_image(image, lambda w, h: (width, height))  # the runner's reading of the image, [-1, 1]
+    vae = AutoencoderKLWan.from_pretrained(assets / "encoders/vae").eval()
+    pipe = SimpleNamespace(vae=vae, vae_scale_factor_temporal=4, vae_scale_factor_spatial=8,
+                           config=SimpleNamespace(expand_timesteps=False),
+                           image_processor=CLIPImageProcessor.from_pretrained(assets / "encoders/image_processor"),
+                           image_encoder=CLIPVisionModel.from_pretrained(assets / "encoders/image_encoder").eval())
+    with torch.no_grad():
+        _, condition = WanImageToVideoPipeline.prepare_latents(pipe, frame[None], 1, 16, height, width, 5,
+                                                               torch.float32, torch.device("cpu"))
+        pil = Image.fromarray(((frame + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy())
+        clip_fea = WanImageToVideoPipeline.encode_image(pipe, pil, torch.device("cpu"))
+    return {"y": condition[0], "clip_fea": clip_fea[0]}
+
+
+def test_i2v_videos_take_each_images_aspect_and_wans_conditions(i2v_assets, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red dog runs", "seed": 1, "image": str(i2v_assets / "landscape.png")})
+                       + "\n" + json.dumps({"prompt": "the cat", "seed": 2, "image": str(i2v_assets / "portrait.png")})
+                       + "\n")
+    assert runner.main(i2v_args(i2v_assets, prompts, tmp_path / "out")) == 0
+    index = [json.loads(line) for line in (tmp_path / "out/index.jsonl").read_text().splitlines()]
+    # about 48 x 32 pixels at each image's aspect ratio: a landscape and a portrait video
+    assert [(r["width"], r["height"], r["latent_shape"]) for r in index] == [(48, 32, [2, 4, 6]), (32, 48, [2, 6, 4])]
+    for record, name in zip(index, ("landscape", "portrait")):
+        with av.open(str(tmp_path / "out" / record["video"])) as container:
+            stream = container.streams.video[0]
+            assert (stream.width, stream.height) == (record["width"], record["height"])
+        with safe_open(tmp_path / "out" / record["latents"], framework="pt") as f:
+            saved = {key: f.get_tensor(key) for key in ("latents", "y", "clip_fea")}
+        assert record["image"] == str((i2v_assets / f"{name}.png").resolve())
+        expected = diffusers_conditions(i2v_assets, i2v_assets / f"{name}.png", record["width"], record["height"])
+        torch.testing.assert_close(saved["y"], expected["y"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(saved["clip_fea"], expected["clip_fea"], atol=1e-5, rtol=1e-5)
+
+    # the image conditions the video: another image, same prompt and seed, another video
+    prompts.write_text(json.dumps({"prompt": "a red dog runs", "seed": 1, "image": str(i2v_assets / "other.png")}))
+    assert runner.main(i2v_args(i2v_assets, prompts, tmp_path / "other")) == 0
+    with safe_open(tmp_path / "out/00000.safetensors", framework="pt") as a, \
+            safe_open(tmp_path / "other/00000.safetensors", framework="pt") as b:
+        assert not torch.allclose(a.get_tensor("latents"), b.get_tensor("latents"), atol=1e-3)
+
+
+@pytest.mark.parametrize("record, extra, message", [
+    ({"prompt": "the cat", "image": "{tmp}/missing.png"}, [], r"line 1: \S*missing.png: no such file"),
+    ({"prompt": "the cat", "image": "{tmp}/text.png"}, [], r"line 1: \S*text.png: not a readable image"),
+    ({"prompt": "the cat"}, [], r"line 1: --model \S+ is an i2v model: each prompt needs an image"),
+    ({"prompt": "the cat", "image": "{assets}/landscape.png"}, ["--height", "40"],
+     r"video size: height=40: expected a positive multiple of 16"),
+    ({"prompt": "the cat", "image": "{assets}/landscape.png"}, ["--model", "{assets}/model"],
+     r"--model \S+: a t2v model takes no image"),
+])
+def test_bad_i2v_input_is_named(i2v_assets, tmp_path, capsys, record, extra, message):
+    (tmp_path / "text.png").write_text("not an image")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({k: v.format(tmp=tmp_path, assets=i2v_assets) for k, v in record.items()}) + "\n")
+    argv = i2v_args(i2v_assets, prompts, tmp_path / "out") + [a.format(assets=i2v_assets) for a in extra]
+    with pytest.raises(SystemExit) as exit_:
+        runner.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert re.search(message, err), err
+
+
+def test_i2v_samples_score_with_an_i2v_reward_model(i2v_assets, tmp_path):
+    from engine.reward import RewardModel, RewardModelConfig
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "the cat", "seed": 2, "image": str(i2v_assets / "portrait.png")}) + "\n")
+    assert runner.main(i2v_args(i2v_assets, prompts, tmp_path / "out")) == 0
+    torch.manual_seed(0)
+    reward = RewardModel(RewardModelConfig(blocks=1, num_heads=2, mlp_dims=(16, 8)),
+                         randomized_dit("tiny-i2v", num_layers=1)).eval()
+    reward.save_pretrained(tmp_path / "pavrm")
+    done = subprocess.run([sys.executable, "runners/score.py", "--reward", str(tmp_path / "pavrm"), "--folder",
+                           str(tmp_path / "out"), "--out", str(tmp_path / "scores.jsonl")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    with safe_open(tmp_path / "out/00000.safetensors", framework="pt") as f:
+        tensors = {k: f.get_tensor(k)[None] for k in ("latents", "context", "clip_fea", "y")}
+    with torch.no_grad():
+        expected = reward(tensors["latents"], torch.zeros(1), tensors["context"], clip_fea=tensors["clip_fea"],
+                          y=tensors["y"]).item()
+    assert row["logit"] == pytest.approx(expected, rel=1e-5)
