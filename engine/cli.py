@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from engine.config import ConfigError, RunConfig, load_config
+import yaml
+
+from engine.config import ConfigError, RunConfig, load_config, to_dict
 
 
 def run_parser(description: str, default_config: str) -> argparse.ArgumentParser:
@@ -21,6 +23,14 @@ def run_parser(description: str, default_config: str) -> argparse.ArgumentParser
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
+
+
+def print_dry_run(config: RunConfig, report: dict) -> None:
+    """What --dry-run prints: the resolved run config (YAML) and the checks' report with its memory estimate (JSON)."""
+    print("# resolved config")
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    print("# dry run")
+    print(json.dumps(report, indent=2))
 
 
 def read_ds_config(path: str | Path) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -22,9 +21,8 @@ from engine.config import ConfigError, RewardConfig, RunConfig
 from engine.data import LABEL_FIELDS, SampleRandomness, build_dataset, collate
 from engine.dit import DiT, DiTConfig
 from engine.flow import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma, timestep_from_sigma, training_sigmas
-from engine.parallel import Layout
 from engine.reward import RewardModel, RewardModelConfig, save_reward_state
-from engine.trainer import Trainer, log, resolve_ds_config
+from engine.trainer import Trainer, dry_run, log
 from engine.weights import read_config
 
 # The paper's evaluation intervals of sigma: [0, 0.2], (0.2, 0.4], ..., (0.8, 1.0].
@@ -325,10 +323,8 @@ class RewardTrainer(Trainer):
 
     @staticmethod
     def dry_run(config: RunConfig, ds_template: dict) -> dict:
-        """Check the configs and the training data against a reward model built on the meta device; report sizes."""
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        layout = Layout(int(os.environ.get("RANK", 0)), world, config.parallel.sp_size)
-        resolve_ds_config(ds_template, config, layout)
+        """Check the configs and the training data against a reward model built on the meta device; report its
+        sizes and the memory estimate of `engine.trainer.dry_run`."""
         if config.reward.path:
             reward_config = RewardModelConfig(**json.loads((Path(config.reward.path) / "reward_config.json").read_text()))
             trunk_config = read_config(Path(config.reward.path) / "trunk")
@@ -342,10 +338,10 @@ class RewardTrainer(Trainer):
         with torch.device("meta"):
             model = RewardModel(reward_config, DiT(trunk_config))
         trunk, head = model.trainable_parameters(config.reward.trainable_blocks)
-        samples = len(labelled_dataset(config, config.data, trunk_config, config.seed))
-        return {"world_size": world, "sp_size": layout.sp_size, "dp_size": layout.dp_size,
-                "trunk_blocks": reward_config.blocks, "feature_blocks": reward_config.feature_blocks,
-                "parameters": sum(p.numel() for p in model.parameters()),
+        dataset = labelled_dataset(config, config.data, trunk_config, config.seed)
+        report = dry_run(config, ds_template, dataset=dataset, model=model,
+                         forwards_per_sample=2 if config.reward.loss == "bt" else 1)
+        return {**report, "trunk_blocks": reward_config.blocks, "feature_blocks": reward_config.feature_blocks,
                 "trainable_trunk_parameters": sum(p.numel() for p in trunk),
                 "head_parameters": sum(p.numel() for p in head), "loss": config.reward.loss,
-                "task": config.reward.task, "training_samples": samples}
+                "task": config.reward.task, "training_samples": len(dataset)}

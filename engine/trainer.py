@@ -185,22 +185,26 @@ def zero3_model_states(model: torch.nn.Module, zero: dict, gpus_per_node: int, n
         cpu_offload_params=zero.get("offload_param", {}).get("device") == "cpu")
 
 
-def dry_run(config: RunConfig, ds_template: dict, dataset=None) -> dict:
+def dry_run(config: RunConfig, ds_template: dict, dataset=None, frozen: torch.nn.Module | None = None,
+            model: torch.nn.Module | None = None, forwards_per_sample: int = 1) -> dict:
     """Check config, DeepSpeed config and data against the model (built on the meta device) and estimate memory.
 
+    `model`: what is trained, on the meta device (default: the run's DiT); a model around a DiT (the reward model)
+    keeps it as `.trunk`. `frozen`: a model that runs beside it as `Trainer.distribute` runs it (PRFL's reward trunk),
+    on the meta device: its parameters (replicated, in the run's precision) and block checkpoints are estimated too.
+    `forwards_per_sample`: evaluations a sample makes with gradients (BT scores both videos of a pair: 2).
     Nothing is trained and no engine is built; the world size comes from the launcher's environment.
     """
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = Layout(int(os.environ.get("RANK", 0)), world, config.parallel.sp_size)
     ds = resolve_ds_config(ds_template, config, layout)
-    if config.model.path:
-        dit_config = read_config(config.model.path)
-    else:
-        dit_config = DiTConfig.preset(config.model.preset)
+    if model is None:
+        dit_config = read_config(config.model.path) if config.model.path else DiTConfig.preset(config.model.preset)
+        with torch.device("meta"):
+            model = DiT(dit_config)
+    dit_config = getattr(model, "trunk", model).config
     if dit_config.num_heads % layout.sp_size:
         raise ConfigError(f"parallel.sp_size={layout.sp_size} must divide the model's {dit_config.num_heads} heads")
-    with torch.device("meta"):
-        model = DiT(dit_config)
     dataset = dataset or build_dataset(config.data, dit_config, config.seed)
     sample = dataset[0]
     inputs = {k: v.unsqueeze(0).to("meta") for k, v in sample.items()}
@@ -218,7 +222,8 @@ def dry_run(config: RunConfig, ds_template: dict, dataset=None) -> dict:
         model, zero, gpus_per_node=min(world, max(1, torch.cuda.device_count())),
         num_nodes=max(1, world // max(1, torch.cuda.device_count())))
     # fp32 residual stream kept at each block boundary (checkpointing) for one micro-batch.
-    boundary = 4 * config.train.micro_batch_size * math.ceil(tokens / layout.sp_size) * dit_config.dim
+    boundary = 4 * config.train.micro_batch_size * forwards_per_sample * math.ceil(tokens / layout.sp_size) * \
+        dit_config.dim
     activations = boundary * dit_config.num_layers if config.memory.checkpointing else None
     report = {
         "world_size": world, "sp_size": layout.sp_size, "dp_size": layout.dp_size, "zero_stage": zero["stage"],
@@ -228,6 +233,13 @@ def dry_run(config: RunConfig, ds_template: dict, dataset=None) -> dict:
         "block_checkpoints_gb": None if activations is None else activations / 2**30,
         "block_checkpoints_on": "host" if config.memory.offload else "device",
     }
+    if frozen is not None:
+        size = 2 if ds["bf16"]["enabled"] else 4
+        trunk = getattr(frozen, "trunk", frozen)
+        report["frozen_parameters"] = sum(p.numel() for p in frozen.parameters())
+        report["frozen_models_gb"] = size * report["frozen_parameters"] / 2**30
+        report["frozen_block_checkpoints_gb"] = (None if activations is None else
+                                                 boundary * trunk.config.num_layers / 2**30)
     return report
 
 

@@ -7,10 +7,9 @@ Checkpoints export a reward model folder (`RewardModel.from_pretrained`) to `<ru
 validation (the paper's five noise intervals, ROC-AUC) goes to the console, tensorboard and `<run>/validation.json`.
 """
 
-import json
 import sys
 
-from engine.cli import parse_run
+from engine.cli import parse_run, print_dry_run
 from engine.config import ConfigError
 from engine.parallel import exit_process
 from engine.reward_training import RewardStep, RewardTrainer, RewardValidation
@@ -20,7 +19,7 @@ def main(argv=None) -> int:
     args, config, ds_config = parse_run(__doc__.strip().splitlines()[0], "configs/pavrm-synthetic.yaml", argv)
     try:
         if args.dry_run:
-            print(json.dumps(RewardTrainer.dry_run(config, ds_config), indent=2))
+            print_dry_run(config, RewardTrainer.dry_run(config, ds_config))
             return 0
         trainer = RewardTrainer(config, ds_config, resume=args.resume)
         validation = RewardValidation(config, trainer.validation_dataset(), trainer.run_dir)

@@ -14,18 +14,21 @@ before training and after the last step give `<run>/summary.json`. Checkpoints e
 `prfl.mode=rgb_refl` trains the pixel-space RGB ReFL baseline instead (`rgb_refl.*`), with the same loop.
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+import torch
+
 from engine.bootstrap import BootstrapError, ensure_assets
-from engine.cli import parse_run
+from engine.cli import parse_run, print_dry_run
 from engine.config import ConfigError
 from engine.evaluation import HeldOutReport, SampleEvaluation, validation_prompts
 from engine.parallel import exit_process
-from engine.dit import DiTConfig
+from engine.dit import DiT, DiTConfig
 from engine.prfl import PRFLStep, PRFLWithSFTStep, check_reward_model
-from engine.reward import RewardModel
+from engine.reward import RewardModel, RewardModelConfig
 from engine.sft import SFTStep
 from engine.trainer import Trainer, dry_run
 from engine.weights import read_config
@@ -39,6 +42,26 @@ def check_reward_task(config, generator: DiTConfig) -> None:
     """A PAVRM of the generator's task (t2v / i2v), read from its folder's config before anything is built."""
     check_reward_model(generator, read_config(Path(config.reward.path) / "trunk"), generator_source(config),
                        f"reward.path={config.reward.path}")
+
+
+def reward_on_meta(config) -> tuple[RewardModel | None, str]:
+    """The PAVRM as the run will build it, on the meta device, for the dry run, and where it came from: reward.path's
+    folder once it exists (its task checked against the generator's), else reward.model on the generator's first
+    blocks (a PAVRM not trained yet)."""
+    generator = read_config(config.model.path) if config.model.path else DiTConfig.preset(config.model.preset)
+    folder = Path(config.reward.path) if config.reward.path else None
+    if folder is not None and folder.exists():
+        check_reward_task(config, generator)
+        reward_config = RewardModelConfig(**json.loads((folder / "reward_config.json").read_text()))
+        trunk, source = read_config(folder / "trunk"), str(folder)
+    elif config.prfl.mode == "prfl":
+        reward_config = config.reward.model
+        trunk = dataclasses.replace(generator, num_layers=reward_config.blocks)
+        source = f"reward.model ({folder} does not exist yet: estimated from the architecture it will have)"
+    else:
+        return None, "none"
+    with torch.device("meta"):
+        return RewardModel(reward_config, DiT(trunk)), source
 
 
 def load_reward_model(trainer: Trainer) -> RewardModel:
@@ -65,10 +88,8 @@ def main(argv=None) -> int:
                 if not Path(path).exists():
                     raise ConfigError(f"{path} does not exist yet: a run trains it first (bootstrap.enabled), a dry "
                                       "run does not; `python runners/synthetic.py bootstrap` writes it")
-            if config.reward.path is not None:
-                check_reward_task(config, read_config(config.model.path) if config.model.path else
-                                  DiTConfig.preset(config.model.preset))
-            print(json.dumps(dry_run(config, ds_config), indent=2))
+            reward, source = reward_on_meta(config)
+            print_dry_run(config, {**dry_run(config, ds_config, frozen=reward), "reward_model": source})
             return 0
         if config.bootstrap.enabled:
             ensure_assets(config)

@@ -4,10 +4,9 @@
               [--resume auto|CHECKPOINT] [--dry-run] [key=value ...]
 """
 
-import json
 import sys
 
-from engine.cli import parse_run
+from engine.cli import parse_run, print_dry_run
 from engine.config import ConfigError
 from engine.parallel import exit_process
 from engine.sft import SFTStep
@@ -18,7 +17,7 @@ def main(argv=None) -> int:
     args, config, ds_config = parse_run(__doc__.strip().splitlines()[0], "configs/tiny.yaml", argv)
     try:
         if args.dry_run:
-            print(json.dumps(dry_run(config, ds_config), indent=2))
+            print_dry_run(config, dry_run(config, ds_config))
             return 0
         trainer = Trainer(config, ds_config, resume=args.resume)
     except ConfigError as e:
