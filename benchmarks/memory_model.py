@@ -4,6 +4,7 @@ with every term a GPU run adds named: the fit verdict on 80 GB and 141 GB GPUs, 
     python -m benchmarks.memory_model            # Wan2.1-14B, 720P x 81 frames, 8 ranks, sp_size 8, ZeRO-3 (CPU)
     python -m benchmarks.memory_model --smoke    # tiny model and shapes (checks the script; not a report)
     python -m benchmarks.memory_model --preset wan2.1-t2v-1.3b --latent 21 60 104 --world 1 --sp 1   # one GPU
+    python -m benchmarks.memory_model --preset wan2.1-i2v-14b     # image-to-video: CLIP tokens, 36 input channels
     python -m benchmarks.memory_model --world 1 --sp 1 --lora-rank 32 --methods prfl_sp rgb_first --sft on off
         --ds-config ds_configs/z3_offload_params.json        # 14B LoRA on one GPU, its base's parameters on the host
 
@@ -69,7 +70,7 @@ import engine.prfl
 from benchmarks.kernel_launches import recorded_launches
 from engine.config import LoRAConfig, RGBReFLConfig, load_config
 from engine.data import SampleRandomness
-from engine.dit import DiT, DiTConfig
+from engine.dit import CLIP_TOKENS, DiT, DiTConfig
 from engine.flow import make_scheduler
 from engine.lora import add_lora
 from engine.offload import BlockInputStore, apply_activation_checkpointing
@@ -305,6 +306,9 @@ def trace_case(args, method: str, sft: str, group) -> dict:
         full = PRFLWithSFTStep(step, SFTStep(run.sft, null_context), run.prfl.sft_weight)
         batch = {"latents": torch.zeros(1, dit_config.out_dim, *args.latent),
                  "context": torch.zeros(1, args.text_tokens, dit_config.text_dim)}
+        if dit_config.model_type == "i2v":  # the image: CLIP tokens in the context, the condition beside x
+            batch.update(clip_fea=torch.zeros(1, CLIP_TOKENS, dit_config.clip_dim),
+                         y=torch.zeros(1, dit_config.in_dim - dit_config.out_dim, *args.latent))
         phased = {name: getattr(step, name) for name in ("rollout", "reward")}
 
         def entering(name):
