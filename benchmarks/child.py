@@ -27,10 +27,20 @@ RESULT = "RESULT "
 EXIT_GRACE_S = 30.0
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    import torch
+# What a GPU out of memory reads like when it does not come as torch.cuda.OutOfMemoryError (cuBLAS's workspace, a
+# kernel's allocation); a failed pinned host allocation (cudaHostAlloc) is host memory and is not retried with offload.
+DEVICE_OOM = ("cuda out of memory", "cublas_status_alloc_failed", "outofmemoryerror")
 
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+def is_out_of_memory(error: BaseException | str) -> bool:
+    """Whether an error (or a child's stderr) is the GPU running out of memory."""
+    if not isinstance(error, str):
+        import torch
+
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return True
+    text = str(error).lower()
+    return any(marker in text for marker in DEVICE_OOM) and "cudahostalloc" not in text
 
 
 def report_case(measure: Callable[[], dict]) -> int:
@@ -73,17 +83,18 @@ def run_case_in_child(module: str, case: dict, timeout: float) -> dict:
             process.wait(EXIT_GRACE_S)
         except subprocess.TimeoutExpired:
             result["note"] = f"the child printed its result but did not exit within {EXIT_GRACE_S:.0f} s; killed"
-    if process.poll() is None:
+    try:  # the whole group: a rank or compiler the child started must not outlive it
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    except ProcessLookupError:
+        pass
+    process.wait()
     for reader in readers:
         reader.join(5)
     if result:
         return result
     if process.returncode is not None and time.monotonic() < deadline:
         tail = "".join(stderr)[-2000:]
-        return {"status": "OOM" if "out of memory" in tail.lower() else f"failed ({process.returncode})",
-                "stderr": tail}
+        return {"status": "OOM" if is_out_of_memory(tail) else f"failed ({process.returncode})", "stderr": tail}
     return {"status": f"timeout ({timeout:.0f} s)", "stderr": "".join(stderr)[-2000:]}
 
 
@@ -95,7 +106,7 @@ def with_offload_retry(module: str, case: dict, timeout: float, retry: bool = Tr
     for offload in (False, True) if retry else (case.get("offload", False),):
         started = time.monotonic()
         if attempts and end - started < 10:
-            result = {"status": "OOM (no time left to retry with activation offload)"}
+            result, offload = {"status": "OOM (no time left to retry with activation offload)"}, False
             break
         result = run_case_in_child(module, {**case, "offload": offload}, end - started)
         attempts.append({"activation_offload": offload, "status": result.get("status"),

@@ -34,9 +34,9 @@ def commands(runs: list[dict]) -> list[str]:
     return ["", "Commands (from the repository root):", "", *(f"    python {run['command']}" for run in runs)]
 
 
-def smoke_models(folder: Path) -> tuple[Path, Path]:
-    """For smoke runs given no models: a random generator of the synthetic benchmark's preset and a one-block PAVRM
-    on its trunk, written to folder/base and folder/pavrm."""
+def smoke_models(folder: Path, preset: str = "synthetic") -> tuple[Path, Path]:
+    """For smoke runs given no models: a random generator of a synthetic benchmark's preset (`synthetic-i2v`: the
+    first-frame variant) and a one-block PAVRM on its trunk, written to folder/base and folder/pavrm."""
     import torch
 
     from engine.dit import DiT, DiTConfig
@@ -44,8 +44,8 @@ def smoke_models(folder: Path) -> tuple[Path, Path]:
 
     torch.manual_seed(0)
     base, pavrm = folder / "base", folder / "pavrm"
-    DiT(DiTConfig.preset("synthetic")).save_pretrained(base)
-    trunk = DiT(DiTConfig.preset("synthetic", num_layers=1))
+    DiT(DiTConfig.preset(preset)).save_pretrained(base)
+    trunk = DiT(DiTConfig.preset(preset, num_layers=1))
     RewardModel(RewardModelConfig(blocks=1, num_heads=2, mlp_dims=(16, 8)), trunk).save_pretrained(pavrm)
     return base, pavrm
 

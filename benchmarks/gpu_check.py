@@ -180,13 +180,14 @@ def torch_adam_config(template: str, out: Path) -> str:
 
 class Background:
     """A part run in a child process while the GPU parts go on; `result` waits for it (up to a limit, then stops
-    it) and keeps what it got."""
+    it, unless `kill` is off: a JIT build killed midway leaves a lock that hangs every later build) and keeps what it
+    got."""
 
-    def __init__(self, case: dict) -> None:
+    def __init__(self, case: dict, kill: bool = True) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", "--case", json.dumps(case)],
                                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         start_new_session=True)
-        self.outcome: dict | None = None
+        self.kill, self.outcome = kill, None
 
     def result(self, timeout: float) -> dict:
         if self.outcome is None:
@@ -196,8 +197,9 @@ class Background:
                 self.outcome = json.loads(lines[-1][7:]) if lines else \
                     {"status": f"failed ({self.process.returncode})", "stderr": stderr[-2000:]}
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.communicate()
+                if self.kill:
+                    os.killpg(self.process.pid, 9)
+                    self.process.communicate()
                 self.outcome = {"status": f"not finished within {timeout:.0f} s"}
         return self.outcome
 
@@ -210,7 +212,7 @@ def run_cases(cases: list[dict], deadline: float) -> list[dict]:
     for case in cases:
         left = deadline - time.monotonic()
         if left < 30:
-            results.append({**case, "status": "not reached (part time limit)"})
+            results.append({**case, "status": "not reached (part time limit)", "attempts": []})
             continue
         results.append(measure(case, left))
         print(json.dumps({k: results[-1].get(k) for k in ("method", "tuning", "sft", "status", "step_time_s",
@@ -218,8 +220,10 @@ def run_cases(cases: list[dict], deadline: float) -> list[dict]:
     return results
 
 
-def compare_memory(measured: list[dict], modelled: dict) -> list[dict]:
-    """Measured peaks of the prfl part next to the memory model's rows of the same method and offload setting."""
+def compare_memory(measured: list[dict], modelled: dict, optimizer_on_gpu: bool) -> list[dict]:
+    """Measured peaks of the prfl part next to the memory model's rows of the same method and offload setting. The
+    model traced ds_configs/z3_offload.json; when the steps ran with the optimizer on the GPU instead (CPU Adam did
+    not build), its 16 bytes per parameter (8 x the bf16 parameters) are added."""
     allocator_visible = ("parameters_gb", "gradients_and_optimizer_gb", "zero3_gathered_gb", "zero3_reduce_bucket_gb",
                          "frozen_models_gb", "activations_gb", "temporaries_gb")
     method_of = {"prfl": "prfl_sp", "rgb_first": "rgb_first"}
@@ -231,7 +235,7 @@ def compare_memory(measured: list[dict], modelled: dict) -> list[dict]:
                     and r["sft"] == result["sft"] and r["activation_offload"] == result["activation_offload"]), None)
         if row is None:
             continue
-        visible = sum(row[k] for k in allocator_visible)
+        visible = sum(row[k] for k in allocator_visible) + (8 * row["parameters_gb"] if optimizer_on_gpu else 0)
         rows.append({"method": result["method"], "activation_offload": result["activation_offload"],
                      "measured_peak_allocated_gb": result["peak_allocated_gb"], "modelled_allocated_gb": visible,
                      "measured_peak_reserved_gb": result["peak_reserved_gb"],
@@ -320,7 +324,7 @@ def main() -> int:
 
         frozen = ([SMOKE_MODELS[k] for k in ("vae_config", "clip", "qwen", "min_pixels", "max_pixels")] if args.smoke
                   else [{}, {}, {}, RGBReFLConfig.min_pixels, RGBReFLConfig.max_pixels])
-        background["build_ops"] = Background({"part": "build_ops"})
+        background["build_ops"] = Background({"part": "build_ops"}, kill=False)
         background["memory_model"] = Background({"part": "memory_model", "smoke": args.smoke,
                                                  "setting": SMOKE_MEMORY_CASE if args.smoke else MEMORY_CASE,
                                                  "text_tokens": 16 if args.smoke else 512, "frozen_models": frozen})
@@ -350,7 +354,7 @@ def main() -> int:
             modelled = background["memory_model"].result(started + BUDGET_S - 10 - time.monotonic())
             prfl = next((p for p in report["parts"] if p["name"] == "prfl"), {})
             entry["status"] = modelled.get("status", "failed")
-            report["memory"] = compare_memory(prfl.get("results", []), modelled)
+            report["memory"] = compare_memory(prfl.get("results", []), modelled, "ds_config_fallback" in report)
         else:  # the PRFL / RGB ReFL cases of the first-contact slice or of a matrix slice
             from benchmarks.step_memory_speed import make_report, write_reports
 
@@ -361,7 +365,7 @@ def main() -> int:
             entry["results"] = run_cases([{**case, "ds_config": ds_config} for case in part.cases], deadline)
             first = part.cases[0]
             name = "step" if args.slice == "first-contact" else f"step-{args.slice}"
-            write_reports(make_report(entry["results"], ds_config=first["ds_config"], steps=first["steps"],
+            write_reports(make_report(entry["results"], ds_config=ds_config, steps=first["steps"],
                                       sampling_steps=first["sampling_steps"], text_tokens=first["text_tokens"],
                                       smoke=args.smoke), out / f"{name}-{device.replace(' ', '_')}")
         entry["seconds"] = time.monotonic() - part_started

@@ -28,9 +28,11 @@ PyTorch's CUDA allocator rounds it (512 bytes), and keeps the peak of what is li
 
 Not traced, added by rule (each a named column):
 - model states: the generator's parameters (bf16, partitioned over `--world` by ZeRO-3, on the host with
-  offload_param), and for the trainable ones (all, or LoRA's adapters) the fp32 master copy, Adam's moments and the
-  fp32 gradient partition: 16 bytes each, on the host with offload_optimizer. DeepSpeed's own estimate
-  (`estimate_zero3_model_states_mem_needs`, full fine-tuning) is reported beside it;
+  offload_param, each partition a pinned buffer), and for the trainable ones (all, or LoRA's adapters) the fp32
+  master copy, Adam's moments and the fp32 gradient partition: 16 bytes each, on the host with offload_optimizer
+  (there the gradients sit in pinned buffers, the whole partition's and each sub-group's, as DeepSpeed 0.19
+  allocates them). DeepSpeed's own estimate (`estimate_zero3_model_states_mem_needs`, full fine-tuning) is reported
+  beside it;
 - ZeRO-3 buffers: the gathered parameters (at most `stage3_max_live_parameters` bf16 values, prefetch included, at
   least the largest layer) and the reduce bucket (`reduce_bucket_size` gradient values, bf16, allocated up front with
   contiguous_gradients);
@@ -341,10 +343,17 @@ def model_states(dit: nn.Module, ds_config: dict, world: int) -> dict:
     offload_params = zero.get("offload_param", {}).get("device") == "cpu"
     host_estimate, device_estimate, largest_layer = zero3_model_states(dit, zero, gpus_per_node=world)
     parameters = 2 * total / world  # bf16, frozen ones included: ZeRO-3 partitions every parameter
-    # fp32 master copy, Adam's two moments, the fp32 gradient partition; with offload_optimizer the master copy and
-    # the gradient partition are pinned buffers (one each, rounded as the host allocator does), the moments not
+    # fp32 master copy, Adam's two moments, the fp32 gradient partition
     optimizer = 16 * trainable / world
-    pinned_optimizer = 2 * pinned_size(int(4 * trainable / world)) + 8 * trainable / world
+    # With offload_optimizer (DeepSpeed 0.19's stage3.py): the master copy and the moments are plain host tensors;
+    # the gradient partition is a pinned buffer, and so is each sub-group's gradient buffer (sub_group_size values),
+    # each rounded to a power of two by the host allocator.
+    partition = math.ceil(trainable / world)
+    group = int(zero.get("sub_group_size", 1e9))
+    sub_groups = [group] * (partition // group) + ([partition % group] if partition % group else [])
+    pinned_optimizer = 12 * partition + pinned_size(4 * partition) + sum(pinned_size(4 * n) for n in sub_groups)
+    # With offload_param each parameter's partition is pinned on its own (partition_parameters.py).
+    pinned_parameters = sum(pinned_size(2 * math.ceil(p.numel() / world)) for p in dit.parameters())
     # Gathered full parameters: at most stage3_max_live_parameters bf16 values, at least the largest layer's.
     gathered = max(2 * largest_layer, 2 * min(total, int(zero.get("stage3_max_live_parameters", 1e9))))
     reduce_bucket = 2 * int(zero.get("reduce_bucket_size", 5e8)) if zero.get("contiguous_gradients", True) else 0
@@ -353,8 +362,7 @@ def model_states(dit: nn.Module, ds_config: dict, world: int) -> dict:
             "parameters": 0 if offload_params else parameters,
             "gradients_and_optimizer": 0 if offload_optimizer else optimizer,
             "gathered": gathered, "reduce_bucket": reduce_bucket,
-            "host": (pinned_size(int(parameters)) if offload_params else 0)
-            + (pinned_optimizer if offload_optimizer else 0)}
+            "host": (pinned_parameters if offload_params else 0) + (pinned_optimizer if offload_optimizer else 0)}
 
 
 def nccl_buffers(world: int, sp: int) -> int:

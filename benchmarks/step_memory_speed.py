@@ -229,7 +229,7 @@ def write_reports(report: dict, stem: Path) -> None:
     for r in report["results"]:
         if r["status"] != "ok":
             tried = ", ".join(f"offload={'on' if a['activation_offload'] else 'off'}: {a['status']}"
-                              for a in r["attempts"])
+                              for a in r.get("attempts", []))
             lines.append(f"| {r['model']} | {r['resolution']} | {r['method']} | {r['tuning']} | {r['sft']} | "
                          f"{r['status']} ({tried}) |" + " |" * 12)
             continue

@@ -275,8 +275,13 @@ def build_dataset(data, model: DiTConfig, seed: int, required_fields: tuple[str,
     if data.source == "synthetic":
         from engine.synthetic import MOTIONS, SyntheticMotion
 
-        return SyntheticMotion(data.num_samples, seed=seed, motions=tuple(data.synthetic_motions or MOTIONS),
-                               varied_looks=data.synthetic_varied_looks)
+        motions = tuple(data.synthetic_motions or MOTIONS)
+        first_frame = model.model_type == "i2v"  # the first-frame variant: an i2v generator reads its condition
+        if "wrong_start" in motions and not first_frame:
+            raise ValueError(f"data.synthetic_motions={list(motions)}: wrong_start is a kind of the first-frame "
+                             f"(image-to-video) variant; this {model.model_type} model has no first frame to miss")
+        return SyntheticMotion(data.num_samples, seed=seed, motions=motions, varied_looks=data.synthetic_varied_looks,
+                               first_frame=first_frame)
     tensors = ("latents", "context") + (("clip_fea", "y") if model.model_type == "i2v" else ())
     return LatentListDataset(data.list_file, required_fields, latent_channels=model.out_dim, tensors=tensors)
 

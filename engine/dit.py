@@ -97,6 +97,10 @@ PRESETS: dict[str, DiTConfig] = {
     # The synthetic motion benchmark's generator (engine/synthetic.py). Its toy prompts have 9 tokens: padded to
     # Wan's 512, cross-attention and the text MLP would be most of a step's cost (16 makes a step 2.3x cheaper).
     "synthetic": DiTConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=3, text_dim=32, text_len=16, freq_dim=64),
+    # Its first-frame (image-to-video) variant: the 4 + 16 condition channels and the toy image encoder's 16-wide
+    # tokens (engine.synthetic.image_features).
+    "synthetic-i2v": DiTConfig(model_type="i2v", in_dim=36, dim=128, ffn_dim=256, num_heads=4, num_layers=3,
+                               text_dim=32, text_len=16, freq_dim=64, clip_dim=16),
     "tiny-i2v": DiTConfig(model_type="i2v", in_dim=36, dim=40, ffn_dim=96, num_heads=2, num_layers=2, text_dim=32,
                           clip_dim=48),
 }
@@ -114,8 +118,9 @@ def wide(x: torch.Tensor) -> torch.Tensor:
 
 
 def use_triton(kernels: str, x: torch.Tensor) -> bool:
-    """Whether the Triton kernels run on x: always with 'triton', with 'auto' when x is on a CUDA device."""
-    return kernels == "triton" or (kernels == "auto" and x.is_cuda)
+    """Whether the Triton kernels run on x: always with 'triton', with 'auto' when x is on a CUDA device and not
+    float64 (the kernels compute in fp32; a float64 model is for gradient checks)."""
+    return kernels == "triton" or (kernels == "auto" and x.is_cuda and x.dtype != torch.float64)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str = "torch") -> torch.Tensor:

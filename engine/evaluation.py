@@ -46,9 +46,13 @@ def validation_prompts(config: RunConfig, model: DiTConfig, count: int | None = 
     count, seed = count or config.eval.samples, config.eval.seed
     data = config.data
     if data.source == "synthetic":
-        from engine.synthetic import SHAPE, encode_prompt, held_out_pairs
+        from engine.synthetic import SHAPE, encode_prompt, first_frame_inputs, held_out_pairs
 
-        return [ValidationPrompt(encode_prompt(p), p, s) for p, s in held_out_pairs(count, seed)], SHAPE
+        # the first-frame variant conditions each pair on the first frame of its rendered smooth video
+        condition = (lambda p, s: first_frame_inputs(p, "smooth", s)) if model.model_type == "i2v" else \
+            (lambda p, s: {})
+        return [ValidationPrompt(encode_prompt(p), p, s, **condition(p, s)) for p, s in held_out_pairs(count, seed)], \
+            SHAPE
     from engine.data import LatentListDataset, build_dataset
 
     if data.source == "list":
@@ -117,10 +121,11 @@ class SampleEvaluation:
             metrics.update({"val/reward_mean": rewards.mean().item(), "val/reward_std": rewards.std().item(),
                             "val/reward_prob_mean": rewards.sigmoid().mean().item()})
         if self.config.data.source == "synthetic":
-            from engine.synthetic import judge, summarize
+            from engine.synthetic import condition_frame, judge, summarize
 
             prompts = [p.prompt for p in self.prompts]
-            summary = summarize([judge(video, prompt) for video, prompt in zip(latents, prompts)], prompts)
+            summary = summarize([judge(video, p.prompt, None if p.y is None else condition_frame(p.y))
+                                 for video, p in zip(latents, self.prompts)], prompts)
             metrics.update({f"val/{key}": value for key, value in summary.items() if key != "samples"})
         if trainer.is_main:
             self.write(self.folder / f"step_{trainer.step:06d}", latents, rewards)
@@ -147,12 +152,15 @@ class SampleEvaluation:
 class HeldOutReport:
     """Synthetic benchmark: what the run changed. The generator samples `eval.held_out_pairs` held-out (prompt,
     seed) pairs through the engine (as SampleEvaluation does, videos in `<run>/held_out/step_N/`) before training
-    and after the last step; the mean reward (the PAVRM logit at t = 0), the judge's pass and detected rates, the
-    diversity (trajectory_spread_px) and the median direction cosine and largest acceleration of both, and the
-    diversity ratio after / before go to the console and to `<run>/summary.json`."""
+    and after the last step; the mean reward (the PAVRM logit at t = 0), the judge's pass rate (with its Wilson 95%
+    interval) and detected rates, the diversity and the median direction cosine and largest acceleration of both,
+    and the diversity ratio after / before go to the console and to `<run>/summary.json`. In the first-frame (i2v)
+    variant the pairs are conditioned on their rendered first frames, the summary adds the first-frame adherence
+    (with its interval) and the diversity is that of the motion (the condition fixes the start)."""
 
-    KEYS = ("reward_mean", "pass_rate", "detected_rate", "tracked_rate", "trajectory_spread_px",
-            "median_direction_cosine", "median_max_acceleration_px")
+    KEYS = ("reward_mean", "pass_rate", "pass_rate_ci95_low", "pass_rate_ci95_high", "detected_rate", "tracked_rate",
+            "trajectory_spread_px", "motion_spread_px", "median_direction_cosine", "median_max_acceleration_px",
+            "first_frame_rate", "first_frame_rate_ci95_low", "first_frame_rate_ci95_high", "median_start_distance_px")
 
     def __init__(self, config: RunConfig, model: DiTConfig, reward_model: torch.nn.Module | None,
                  run_dir: str | Path, null_context: torch.Tensor) -> None:
@@ -173,7 +181,8 @@ class HeldOutReport:
     def finish(self, trainer) -> dict:
         """Measure after training and write summary.json (rank 0); returns the summary."""
         self.measure(trainer, "after")
-        before, after = (self.results[w]["trajectory_spread_px"] for w in ("before", "after"))
+        diversity = "motion_spread_px" if "first_frame_rate" in self.results["before"] else "trajectory_spread_px"
+        before, after = (self.results[w].get(diversity) for w in ("before", "after"))
         summary = {**self.results, "diversity_ratio": after / before if before and after is not None else None}
         if trainer.is_main:
             atomic_write_text(self.path, json.dumps(summary, indent=2) + "\n")

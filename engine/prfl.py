@@ -61,10 +61,12 @@ def check_reward_model(generator: DiTConfig, trunk: DiTConfig, generator_source:
         raise ConfigError(f"{reward_source} is a {trunk.model_type} reward model but {generator_source} is a "
                           f"{generator.model_type} generator: a PAVRM scores with its generator's conditioning; train "
                           f"a {generator.model_type} PAVRM on it (runners/pavrm.py)")
-    condition = trunk.in_dim - trunk.out_dim  # the i2v condition's channels (0 for t2v)
-    if generator.out_dim + condition != trunk.in_dim:
-        raise ConfigError(f"{reward_source} reads {trunk.in_dim - condition}-channel latents but {generator_source} "
-                          f"makes {generator.out_dim}-channel ones")
+    # It reads the generator's latents with their condition (in_dim), its text and (i2v) its image features.
+    widths = ("in_dim", "text_dim") + (("clip_dim",) if trunk.model_type == "i2v" else ())
+    for name in widths:
+        if getattr(trunk, name) != getattr(generator, name):
+            raise ConfigError(f"{reward_source} reads {name}={getattr(trunk, name)} but {generator_source} has "
+                              f"{name}={getattr(generator, name)}")
 
 
 def reward_loss(logits: torch.Tensor, config: PRFLConfig) -> torch.Tensor:

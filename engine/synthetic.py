@@ -11,7 +11,14 @@ The object moves in one of four ways:
 
 and, for reward-model data only (`data.synthetic_motions`; the base generator never sees it):
 
-    wrong_way  smooth, in another direction than the prompt's    bad: does not follow the prompt
+    wrong_way    smooth, in another direction than the prompt's    bad: does not follow the prompt
+    wrong_start  smooth, from another place than the first frame   bad (first-frame variant): does not continue it
+
+The first-frame variant (image-to-video; an i2v generator reads it): each video comes with its condition, the clean
+first latent frame of a rendered smooth video of its prompt and seed, i.e. where the object starts. The i2v DiT reads
+it as Wan reads an image, as a first-frame condition `y` (mask + that frame) and as toy CLIP features
+(`image_features`: the frame's pixels as tokens); the generator must continue it, and the judge also checks that its
+frame 0 puts the object where the condition does.
 
 The scene is lit unevenly, as real scenes are: its light grows from left to right, from top to bottom and over the
 clip (three background channels). That layout is what tells a DiT where and when a token is: with only rotary,
@@ -40,7 +47,7 @@ COLOURS = ("red", "green", "blue", "yellow")
 DIRECTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}  # (dy, dx)
 SCENES = ("beach", "forest", "city")
 MOTIONS = ("smooth", "jitter", "static", "vanish")  # the base generator's even mix
-KINDS = MOTIONS + ("wrong_way",)
+KINDS = MOTIONS + ("wrong_way", "wrong_start")
 PROMPTS = tuple(f"a {colour} ball moving {direction} in the {scene}"
                 for colour, direction, scene in itertools.product(COLOURS, DIRECTIONS, SCENES))
 VOCABULARY = tuple(sorted({word for prompt in PROMPTS for word in prompt.split()}))
@@ -155,6 +162,8 @@ def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] 
     then drawn for that speed's travel, so it is not the default path's start."""
     if motion not in KINDS:
         raise ValueError(f"motion {motion!r}: expected one of {', '.join(KINDS)}")
+    if motion == "wrong_start":  # a smooth path, but not the one whose first frame is the condition
+        return trajectory(prompt, "smooth", wrong_start_seed(prompt, seed, shape), shape, speed)
     p = parse_prompt(prompt)
     frames, height, width = shape
     g = _seeded("trajectory", prompt, motion, seed)
@@ -188,6 +197,19 @@ def trajectory(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] 
     for f in torch.randperm(frames, generator=g)[: 1 + int(torch.randint(2, (1,), generator=g))].tolist():
         path[f] = []
     return path
+
+
+MIN_START_OFFSET = 2.0  # wrong_start: at least this far from the condition's start, latent pixels
+
+
+def wrong_start_seed(prompt: str, seed: int, shape: tuple[int, int, int] = SHAPE) -> int:
+    """The seed of a smooth path of the prompt that starts at least MIN_START_OFFSET from the start of `seed`'s."""
+    start = torch.tensor(trajectory(prompt, "smooth", seed, shape)[0][0])
+    for offset in range(1, 1000):
+        other = seed + offset * 7_919
+        if (torch.tensor(trajectory(prompt, "smooth", other, shape)[0][0]) - start).norm() >= MIN_START_OFFSET:
+            return other
+    raise ValueError(f"no start {MIN_START_OFFSET} px away from seed {seed}'s for {prompt!r}")
 
 
 def _jump(path: list[list[tuple]], g: torch.Generator, uniform, height: int, width: int) -> list[list[tuple]]:
@@ -226,8 +248,9 @@ def render(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SH
 
 # (physics_quality, human_quality) per motion, 1 = qualified, as in the reference meta files: jitter breaks physics,
 # vanish breaks the object's structure, static has no dynamics (the low dynamic degree PRFL is meant to fix), and
-# wrong_way is not what was asked for.
-LABELS = {"smooth": (1, 1), "jitter": (0, 1), "static": (0, 1), "vanish": (1, 0), "wrong_way": (1, 0)}
+# wrong_way and wrong_start are not what was asked for.
+LABELS = {"smooth": (1, 1), "jitter": (0, 1), "static": (0, 1), "vanish": (1, 0), "wrong_way": (1, 0),
+          "wrong_start": (1, 0)}
 
 
 def labels(motion: str) -> dict:
@@ -236,14 +259,48 @@ def labels(motion: str) -> dict:
     return {"physics_quality": physics, "human_quality": human, "motion_quality": physics & human, "motion": motion}
 
 
+CONDITION_CHANNELS = 4 + CHANNELS  # y: Wan's 4 mask channels and the first latent frame
+IMAGE_TOKENS, IMAGE_DIM = 257, CHANNELS  # the toy image encoder's output: as many tokens as Wan's CLIP ViT-H gives
+
+
+def image_features(frame: torch.Tensor) -> torch.Tensor:
+    """The toy image encoder: a first latent frame [16, H, W] -> [257, 16] tokens, its mean and then its H x W pixels
+    (zero-padded), as Wan's CLIP gives 257 tokens of an image."""
+    pixels = frame.flatten(1).t()
+    tokens = torch.zeros(IMAGE_TOKENS, IMAGE_DIM)
+    tokens[0] = pixels.mean(0)
+    tokens[1:1 + len(pixels)] = pixels
+    return tokens
+
+
+def first_frame_inputs(prompt: str, motion: str, seed: int, shape: tuple[int, int, int] = SHAPE
+                       ) -> dict[str, torch.Tensor]:
+    """The condition of a video in the first-frame variant: the clean first latent frame of the rendered video, as
+    toy CLIP features `clip_fea` [257, 16] and Wan's first-frame condition `y` [20, F, H, W]. A vanish video's is its
+    smooth path's (its object may be gone in frame 0); a wrong_start video's is that of the seed's smooth path, which
+    the video does not start from."""
+    from engine.data import first_frame_condition
+
+    video = render(prompt, "smooth" if motion in ("vanish", "wrong_start") else motion, seed, shape)
+    return {"clip_fea": image_features(video[:, 0]), "y": first_frame_condition(video, CONDITION_CHANNELS)}
+
+
+def condition_frame(y: torch.Tensor) -> torch.Tensor:
+    """The first latent frame [16, H, W] a first-frame condition `y` [20, F, H, W] holds."""
+    return y[-CHANNELS:, 0]
+
+
 class SyntheticMotion(torch.utils.data.Dataset):
     """Rendered on the fly: sample i is PROMPTS[i % 48] with motion motions[(i // 48) % len(motions)] (an even mix)
     and seed `seed * 1_000_003 + i`, with the benchmark's look or, with `varied_looks` (reward-model data), a look
-    drawn per sample (`varied_look`). Its dict also carries the labels (as tensors) for reward-model training."""
+    drawn per sample (`varied_look`). Its dict also carries the labels (as tensors) for reward-model training and,
+    with `first_frame` (the i2v variant), the video's condition (`first_frame_inputs`), rendered in the benchmark's
+    own look."""
 
     def __init__(self, num_samples: int, seed: int = 0, motions: tuple[str, ...] = MOTIONS,
-                 varied_looks: bool = False) -> None:
+                 varied_looks: bool = False, first_frame: bool = False) -> None:
         self.num_samples, self.seed, self.motions, self.varied_looks = num_samples, seed, motions, varied_looks
+        self.first_frame = first_frame
         self.null_context = null_prompt_embedding()
 
     def __len__(self) -> int:
@@ -258,8 +315,9 @@ class SyntheticMotion(torch.utils.data.Dataset):
         prompt, motion, seed = self.describe(index)
         label = labels(motion)
         look = varied_look(seed) if self.varied_looks else Look()
-        return {"latents": render(prompt, motion, seed, look=look), "context": encode_prompt(prompt),
-                **{k: torch.tensor(float(label[k])) for k in ("physics_quality", "human_quality", "motion_quality")}}
+        sample = {"latents": render(prompt, motion, seed, look=look), "context": encode_prompt(prompt),
+                  **{k: torch.tensor(float(label[k])) for k in ("physics_quality", "human_quality", "motion_quality")}}
+        return {**sample, **first_frame_inputs(prompt, motion, seed)} if self.first_frame else sample
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,6 +334,8 @@ class Verdict:
     max_jump: float  # largest frame-to-frame step
     max_acceleration: float  # largest change of velocity between consecutive steps
     positions: list[tuple[float, float]]  # object centre per frame (nan where not found)
+    conditioned: bool = False  # judged against a first-frame condition (the i2v variant)
+    start_distance: float = math.nan  # first-frame variant: frame 0's object from the condition's, latent pixels
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -286,6 +346,7 @@ MIN_DISPLACEMENT = 2.1  # 60% of the shortest smooth travel (3.5-4.5 px)
 MIN_COSINE = 0.8
 MAX_ACCELERATION = 1.0
 MAX_JUMP = 1.6  # a smooth step is at most 0.9 px
+MAX_START_DISTANCE = 1.0  # first-frame variant: frame 0 within this of the condition's start (a wrong start: >= 2)
 
 
 def _components(mask: torch.Tensor) -> list[torch.Tensor]:
@@ -307,12 +368,9 @@ def _components(mask: torch.Tensor) -> list[torch.Tensor]:
     return comps
 
 
-def judge(latents: torch.Tensor, prompt: str) -> Verdict:
-    """Decide whether a latent video [16, F, H, W] shows one object of the prompt's colour moving smoothly, far
-    enough, in the prompt's direction, in every frame."""
-    p = parse_prompt(prompt)
-    latents = latents.float() / LATENT_SCALE
-    response = torch.einsum("cfhw,c->fhw", latents, colour_signature(p.colour))
+def _track(response: torch.Tensor) -> tuple[list[tuple[float, float]], int, int]:
+    """Per frame of a colour response [F, H, W], the centre of the one object it shows (nan if not exactly one);
+    the frames with one object; the most objects in a frame."""
     positions, detected, most = [], 0, 0
     for frame in response:
         comps = [c for c in _components(frame > DETECT_THRESHOLD * 0.5) if frame[c[:, 0], c[:, 1]].max() > DETECT_THRESHOLD]
@@ -323,6 +381,17 @@ def judge(latents: torch.Tensor, prompt: str) -> Verdict:
             positions.append(tuple((comps[0].float() * weights[:, None]).sum(0).div(weights.sum()).tolist()))
         else:
             positions.append((math.nan, math.nan))
+    return positions, detected, most
+
+
+def judge(latents: torch.Tensor, prompt: str, condition: torch.Tensor | None = None) -> Verdict:
+    """Decide whether a latent video [16, F, H, W] shows one object of the prompt's colour moving smoothly, far
+    enough, in the prompt's direction, in every frame; in the first-frame variant also whether it starts where the
+    condition (its first latent frame [16, H, W]) puts the object."""
+    p = parse_prompt(prompt)
+    signature = colour_signature(p.colour)
+    response = torch.einsum("cfhw,c->fhw", latents.float() / LATENT_SCALE, signature)
+    positions, detected, most = _track(response)
     track = torch.tensor(positions)
     frames = len(positions)
     if detected == frames and frames >= 3:
@@ -335,9 +404,15 @@ def judge(latents: torch.Tensor, prompt: str) -> Verdict:
         max_acceleration = (steps[1:] - steps[:-1]).norm(dim=1).max().item()
     else:
         displacement = cosine = max_jump = max_acceleration = math.nan
+    start_distance = math.nan
+    if condition is not None:
+        (start,), _, _ = _track(torch.einsum("chw,c->hw", condition.float() / LATENT_SCALE, signature)[None])
+        start_distance = (torch.tensor(positions[0]) - torch.tensor(start)).norm().item()
     passed = (detected == frames and displacement >= MIN_DISPLACEMENT and cosine >= MIN_COSINE
-              and max_acceleration <= MAX_ACCELERATION and max_jump <= MAX_JUMP)
-    return Verdict(bool(passed), detected, most, displacement, cosine, max_jump, max_acceleration, positions)
+              and max_acceleration <= MAX_ACCELERATION and max_jump <= MAX_JUMP
+              and (condition is None or start_distance <= MAX_START_DISTANCE))
+    return Verdict(bool(passed), detected, most, displacement, cosine, max_jump, max_acceleration, positions,
+                   condition is not None, start_distance)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,15 +428,20 @@ def held_out_pairs(count: int, seed: int = 10_000) -> list[tuple[str, int]]:
 def generate(model, pairs: list[tuple[str, int]], steps: int = 20, solver: str = "unipc", shift: float = 3.0,
              guidance_scale: float = 1.0, batch_size: int = 16) -> torch.Tensor:
     """Sample latents [N, 16, F, H, W] from a DiT with the project's sampler, one noise seed per pair (the noise
-    `runners/sample.py --synthetic` draws for that seed)."""
+    `runners/sample.py --synthetic` draws for that seed); an i2v DiT is conditioned on each pair's first frame
+    (`first_frame_inputs` of its rendered smooth video)."""
     from engine.generate import sample_videos
 
+    first_frame = getattr(model, "module", model).config.model_type == "i2v"
     outputs = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
+        conditions = [first_frame_inputs(p, "smooth", s) for p, s in chunk] if first_frame else []
         outputs.append(sample_videos(model, [encode_prompt(p) for p, _ in chunk], [s for _, s in chunk], SHAPE,
                                      null_prompt_embedding(), steps=steps, solver=solver, shift=shift,
-                                     guidance_scale=guidance_scale))
+                                     guidance_scale=guidance_scale,
+                                     **({k: [c[k] for c in conditions] for k in ("clip_fea", "y")} if first_frame
+                                        else {})))
     return torch.cat(outputs)
 
 
@@ -370,28 +450,57 @@ TRACK_MEDIANS = {"median_direction_cosine": "direction_cosine", "median_displace
                  "median_max_jump_px": "max_jump", "median_max_acceleration_px": "max_acceleration"}
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a rate (95% by default): honest near 0 and 1 and on small samples."""
+    if n == 0:
+        return math.nan, math.nan
+    rate = successes / n
+    denominator = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _spread(groups: dict[str, list[tuple[float, float]]]) -> float:
+    """Mean over prompts of the spread (norm of the per-axis standard deviation) of a point across their seeds."""
+    spreads = [torch.tensor(points).std(dim=0).norm().item() for points in groups.values() if len(points) >= 2]
+    return sum(spreads) / len(spreads) if spreads else math.nan
+
+
 def summarize(verdicts: list[Verdict], prompts: list[str]) -> dict:
-    """Pass rate, detection rates, diversity (mean spread of start positions across seeds of one prompt) and the
-    medians of the judge's track measurements.
+    """Pass rate (with its Wilson 95% interval), detection rates, diversity and the medians of the judge's track
+    measurements; in the first-frame variant also the share of videos that start where their condition does
+    (first_frame_rate, with its interval).
 
     detected_rate counts the samples where the judge finds the prompt's object, i.e. one object of its colour in
     most frames; tracked_rate those where it finds it in every frame. A vanish sample loses its object in 1-2
     frames by design, so a generator that learned the even mix of motions scores about 1.0 and 0.75 on them.
-    The medians, over tracked samples, say why samples fail: a direction cosine near 0 means the prompt's
-    direction is not followed; a largest acceleration far above the rendered data's means the object is placed
-    anew in every frame instead of moving.
+    Diversity: trajectory_spread_px, the spread of start positions across seeds of one prompt, and motion_spread_px,
+    that of the displacement (last - first position): in the first-frame variant the condition fixes the start, so
+    the motion's spread is the generator's own. The medians, over tracked samples, say why samples fail: a direction
+    cosine near 0 means the prompt's direction is not followed; a largest acceleration far above the rendered
+    data's means the object is placed anew in every frame instead of moving.
     """
-    spreads = []
-    for prompt in sorted(set(prompts)):
-        starts = torch.tensor([v.positions[0] for v, p in zip(verdicts, prompts) if p == prompt and
-                               not math.isnan(v.positions[0][0])])
-        if len(starts) >= 2:
-            spreads.append(starts.std(dim=0).norm().item())
-    return {"samples": len(verdicts), "pass_rate": sum(v.passed for v in verdicts) / len(verdicts),
-            "detected_rate": sum(2 * v.detected_frames > len(v.positions) for v in verdicts) / len(verdicts),
-            "tracked_rate": sum(v.detected_frames == len(v.positions) for v in verdicts) / len(verdicts),
-            "trajectory_spread_px": sum(spreads) / len(spreads) if spreads else math.nan,
-            **{key: _median([getattr(v, field) for v in verdicts]) for key, field in TRACK_MEDIANS.items()}}
+    starts, moves = {}, {}
+    for v, prompt in zip(verdicts, prompts):
+        first, last = v.positions[0], v.positions[-1]
+        if not math.isnan(first[0]):
+            starts.setdefault(prompt, []).append(first)
+            if not math.isnan(last[0]):
+                moves.setdefault(prompt, []).append((last[0] - first[0], last[1] - first[1]))
+    n, passed = len(verdicts), sum(v.passed for v in verdicts)
+    low, high = wilson_interval(passed, n)
+    summary = {"samples": n, "pass_rate": passed / n, "pass_rate_ci95_low": low, "pass_rate_ci95_high": high,
+               "detected_rate": sum(2 * v.detected_frames > len(v.positions) for v in verdicts) / n,
+               "tracked_rate": sum(v.detected_frames == len(v.positions) for v in verdicts) / n,
+               "trajectory_spread_px": _spread(starts), "motion_spread_px": _spread(moves),
+               **{key: _median([getattr(v, field) for v in verdicts]) for key, field in TRACK_MEDIANS.items()}}
+    if any(v.conditioned for v in verdicts):
+        adhered = sum(v.start_distance <= MAX_START_DISTANCE for v in verdicts)
+        low, high = wilson_interval(adhered, n)
+        summary.update(first_frame_rate=adhered / n, first_frame_rate_ci95_low=low, first_frame_rate_ci95_high=high,
+                       median_start_distance_px=_median([v.start_distance for v in verdicts]))
+    return summary
 
 
 def _median(values: list[float]) -> float:

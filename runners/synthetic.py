@@ -5,6 +5,10 @@ its base generator and PAVRM.
     python runners/synthetic.py sample --model runs/synthetic-base/checkpoints/step_N/model --out samples/base
     python runners/synthetic.py judge samples/base
     python runners/synthetic.py bootstrap --out assets/synthetic [train.steps=20 ...]   # base/ and pavrm/
+    python runners/synthetic.py bootstrap --recipe configs/prfl-synthetic-i2v.yaml      # the first-frame variant's
+
+A generator of the first-frame (i2v) variant samples each pair conditioned on the first frame of its rendered smooth
+video; the files keep that condition (`y`), against which `judge` also checks the start.
 """
 
 import argparse
@@ -34,20 +38,21 @@ def write(args) -> None:
 
 def sample(args) -> None:
     from engine.dit import DiT
-    from engine.synthetic import generate, held_out_pairs
+    from engine.synthetic import first_frame_inputs, generate, held_out_pairs
 
     model = DiT.from_pretrained(args.model).eval()
     pairs = held_out_pairs(args.pairs, seed=args.seed)
     latents = generate(model, pairs, steps=args.steps, shift=args.shift, guidance_scale=args.guidance)
     args.out.mkdir(parents=True, exist_ok=True)
     for i, ((prompt, seed), video) in enumerate(zip(pairs, latents)):
-        save_file({"latents": video.contiguous()}, args.out / f"{i:05d}.safetensors",
+        condition = {"y": first_frame_inputs(prompt, "smooth", seed)["y"]} if model.config.model_type == "i2v" else {}
+        save_file({"latents": video.contiguous(), **condition}, args.out / f"{i:05d}.safetensors",
                   metadata={"prompt": prompt, "seed": str(seed)})
     print(f"wrote {len(pairs)} samples to {args.out}")
 
 
 def judge_folder(args) -> None:
-    from engine.synthetic import judge, summarize
+    from engine.synthetic import condition_frame, judge, summarize
 
     files = sorted(args.folder.glob("*.safetensors"))
     if not files:
@@ -58,20 +63,26 @@ def judge_folder(args) -> None:
             prompt = (f.metadata() or {}).get("prompt")
             if prompt is None:
                 sys.exit(f"error: {file} has no 'prompt' in its safetensors metadata")
-            verdicts.append(judge(f.get_tensor("latents"), prompt))
+            condition = condition_frame(f.get_tensor("y")) if "y" in f.keys() else None
+            verdicts.append(judge(f.get_tensor("latents"), prompt, condition))
             prompts.append(prompt)
     print(json.dumps(summarize(verdicts, prompts), indent=2))
 
 
 def bootstrap(args) -> None:
+    import dataclasses
+
     from engine.bootstrap import BootstrapError, bootstrap as train_missing
-    from engine.config import BootstrapConfig, ConfigError
+    from engine.config import ConfigError, load_config
 
     try:
-        train_missing(BootstrapConfig(overrides=args.overrides), args.out / "base", args.out / "pavrm", args.work)
+        recipe = load_config(args.recipe)
+        config = dataclasses.replace(recipe.bootstrap, overrides=[*recipe.bootstrap.overrides, *args.overrides])
+        out = args.out or Path(recipe.model.path).parent
+        train_missing(config, out / "base", out / "pavrm", args.work)
     except (BootstrapError, ConfigError) as e:
         sys.exit(f"error: {e}")
-    print(f"{args.out / 'base'} and {args.out / 'pavrm'} are ready")
+    print(f"{out / 'base'} and {out / 'pavrm'} are ready")
 
 
 def main(argv=None) -> int:
@@ -95,11 +106,13 @@ def main(argv=None) -> int:
     p = commands.add_parser("judge", help="judge a folder of latents; prints pass rate and diversity")
     p.add_argument("folder", type=Path)
     p.set_defaults(run=judge_folder)
-    p = commands.add_parser("bootstrap", help="train the base generator (configs/synthetic-base-smooth.yaml, then "
-                            "configs/synthetic-base.yaml) and its PAVRM (configs/pavrm-synthetic.yaml with "
-                            "bootstrap.reward_overrides: varied looks) into "
+    p = commands.add_parser("bootstrap", help="train a PRFL recipe's base generator and its PAVRM (its bootstrap "
+                            "section: for the default, configs/synthetic-base-smooth.yaml then configs/synthetic-base."
+                            "yaml, and configs/pavrm-synthetic.yaml with bootstrap.reward_overrides: varied looks) into "
                             "OUT/base and OUT/pavrm, whichever is missing")
-    p.add_argument("--out", type=Path, default=Path("assets/synthetic"))
+    p.add_argument("--recipe", type=Path, default=Path("configs/prfl-synthetic.yaml"),
+                   help="the PRFL recipe whose bootstrap section to run (default: the main command's)")
+    p.add_argument("--out", type=Path, help="default: the folder of the recipe's model.path (assets/synthetic)")
     p.add_argument("--work", type=Path, default=Path("outputs/bootstrap"), help="the two training runs' folders")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both trainers")
     p.set_defaults(run=bootstrap)

@@ -90,6 +90,19 @@ def check_prfl_stages(stem: Path) -> None:
     assert "| base |" in table and "| all |" in table and "| last_quarter |" in table
 
 
+def check_prfl_i2v(stem: Path) -> None:
+    data = report(stem)
+    assert set(data["runs"]) == {"recipe", "SFT alone"}
+    for run in data["runs"].values():
+        assert (run["before"]["step"], run["after"]["step"]) == (0, 2)
+        for when in ("before", "after"):
+            assert run[when]["first_frame_rate_ci95_low"] <= run[when]["first_frame_rate"] <= \
+                run[when]["first_frame_rate_ci95_high"]
+    assert data["rendered"]["pass_rate"] == 1.0 and data["rendered"]["first_frame_rate"] == 1.0
+    table = Path(f"{stem}.md").read_text()
+    assert "| first frame kept |" in table and "| judge pass |" in table and "| rendered |" in table
+
+
 def check_pavrm_shift(stem: Path) -> None:
     data = report(stem)
     assert [row["speed_px_per_frame"] for row in data["rendered"]][0] == 0.0

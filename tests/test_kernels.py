@@ -22,8 +22,9 @@ from kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
 from kernels.rope import RopeFunction, apply_rope, apply_rope_reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-# Odd shapes: a non-power-of-two odd hidden size, Wan 1.3B's and 14B's hidden sizes.
-SHAPES = [(3, 7, 45), (2, 5, 1536), (1, 3, 5120)]
+# Odd shapes: a non-power-of-two odd hidden size, Wan 1.3B's and 14B's hidden sizes, and a power of two (a row that
+# is all head, its tail tile masked off).
+SHAPES = [(3, 7, 45), (2, 5, 1536), (1, 3, 5120), (2, 3, 64)]
 
 
 def assert_close_relative(actual, expected, tol, name):

@@ -126,6 +126,8 @@ def test_a_reward_model_of_the_other_task_is_refused_naming_both():
     with pytest.raises(ConfigError, match=r"is a i2v reward model but .* is a t2v generator"):
         check_reward_model(t2v, i2v, "model.path=G", "reward.path=R")
     check_reward_model(i2v, DiTConfig.preset("tiny-i2v", num_layers=1), "g", "r")  # same task: accepted
+    with pytest.raises(ConfigError, match=r"reward.path=R reads clip_dim=48 but model.path=G has clip_dim=1280"):
+        check_reward_model(DiTConfig.preset("tiny-i2v", clip_dim=1280), i2v, "model.path=G", "reward.path=R")
 
 
 def test_the_runner_refuses_a_t2v_reward_model_for_an_i2v_generator_in_one_line(tmp_path):

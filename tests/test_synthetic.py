@@ -14,8 +14,9 @@ from engine.data import LatentListDataset
 from engine.dit import DiT
 from engine.synthetic import (JUMP, KINDS, LATENT_SCALE, MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, MOTIONS,
                               PROMPTS, SHAPE, SPEED, VARIED_LOOK, VOCABULARY, Look, SyntheticMotion, colour_signature,
-                              encode_prompt, generate, held_out_pairs, judge, labels, parse_prompt, render,
-                              scene_background, summarize, trajectory, varied_look)
+                              condition_frame, encode_prompt, first_frame_inputs, generate, held_out_pairs, judge,
+                              labels, parse_prompt, render, scene_background, summarize, trajectory, varied_look,
+                              wilson_interval)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ def test_scene_light_grows_left_to_right_top_to_bottom_and_over_the_clip():
             assert (profile[1:] - profile[:-1] > 0.5).all(), (motion, channel, profile)
 
 
-@pytest.mark.parametrize("motion", KINDS)
+@pytest.mark.parametrize("motion", [k for k in KINDS if k != "wrong_start"])  # wrong_start: first-frame variant
 def test_judge_separates_good_from_bad_motion_over_500_seeds(motion):
     passed = sum(judge(render(PROMPTS[s % len(PROMPTS)], motion, s), PROMPTS[s % len(PROMPTS)]).passed
                  for s in range(500))
@@ -43,6 +44,43 @@ def test_judge_separates_good_from_bad_motion_over_500_seeds(motion):
         assert passed >= 495
     else:
         assert passed <= 5
+
+
+@pytest.mark.parametrize("motion", KINDS)
+def test_first_frame_judge_separates_good_from_bad_motion_over_500_seeds(motion):
+    """The first-frame (i2v) variant: each video judged against its condition, the first frame it was rendered from
+    (wrong_start: the first frame of a path it does not take)."""
+    passed = 0
+    for s in range(500):
+        prompt = PROMPTS[s % len(PROMPTS)]
+        condition = condition_frame(first_frame_inputs(prompt, motion, s)["y"])
+        passed += judge(render(prompt, motion, s), prompt, condition).passed
+    if motion == "smooth":
+        assert passed >= 495
+    else:
+        assert passed <= 5
+
+
+def test_first_frame_inputs_hold_the_rendered_first_frame_and_the_judge_measures_the_start():
+    prompt = "a yellow ball moving down in the beach"
+    video = render(prompt, "smooth", 4)
+    inputs = first_frame_inputs(prompt, "smooth", 4)
+    assert inputs["clip_fea"].shape == (257, 16) and inputs["y"].shape == (20, *SHAPE)
+    assert torch.equal(condition_frame(inputs["y"]), video[:, 0]) and inputs["y"][:4, 0].eq(1).all()
+    assert not inputs["y"][4:, 1:].any() and not inputs["y"][:4, 1:].any()  # later frames: no mask, no latent
+    assert torch.equal(inputs["clip_fea"][1:1 + SHAPE[1] * SHAPE[2]], video[:, 0].flatten(1).t())
+    wrong = judge(render(prompt, "wrong_start", 4), prompt, condition_frame(inputs["y"]))
+    assert wrong.start_distance >= 2.0 - 0.2 and not wrong.passed and wrong.max_acceleration < 0.5  # smooth, elsewhere
+    assert judge(video, prompt, condition_frame(inputs["y"])).start_distance < 0.1
+    summary = summarize([judge(video, prompt, condition_frame(inputs["y"]))] * 3 + [wrong], [prompt] * 4)
+    assert summary["first_frame_rate"] == 0.75 and summary["pass_rate"] == 0.75
+    assert summary["pass_rate_ci95_low"] < 0.75 < summary["pass_rate_ci95_high"]
+
+
+def test_wilson_intervals_are_the_textbook_ones():
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    low, high = wilson_interval(41, 64)  # 64 pairs: about +-11 points
+    assert (round(low, 3), round(high, 3)) == (0.518, 0.747)
 
 
 def test_jitter_jumps_once_by_the_full_distance_and_stays_in_the_frame():
