@@ -1,6 +1,6 @@
 """prfl: process reward feedback learning for Wan2.1 video DiTs, on DeepSpeed."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="prfl",
@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["engine", "kernels"],
+    packages=find_packages(include=["engine", "engine.*", "runners"]),
     # Lower bounds are the versions this project is tested with (see README, "Tested versions").
     install_requires=[
         "torch>=2.13",
@@ -28,7 +28,8 @@ setup(
         "tqdm>=4.70",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.11"],  # matplotlib: benchmark charts (smoke tests)
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.11", "import-linter>=2.17"],  # matplotlib:
+        # benchmark charts (smoke tests); import-linter: the layering contracts (.importlinter)
         "bench": ["matplotlib>=3.11"],
         "gpu": ["flash-attn>=2.7"],
     },

@@ -7,10 +7,18 @@ import json
 import math
 import os
 import platform
+import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import engine.synthetic  # noqa: F401  (the synthetic benchmark's presets, which the smoke models use)
+from engine.model.weights import save_dit
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine() -> dict:
@@ -29,6 +37,19 @@ def write_report(name: str, report: dict, markdown: str, out: Path | None, smoke
     return stem
 
 
+def run_recipe(runner: str, args: list[str], run_dir: Path, result: str) -> dict:
+    """`python runners/<runner>.py args` (the args name `output_dir=run_dir`) from the repository root, in a fresh
+    run folder; the JSON the run writes to `run_dir/result`, with its command line and wall time."""
+    cmd = [sys.executable, f"runners/{runner}.py", *args]
+    shutil.rmtree(ROOT / run_dir, ignore_errors=True)  # a fresh run, never another run's checkpoints
+    started = time.time()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return {"command": " ".join(cmd[1:]), "seconds": round(time.time() - started, 1),
+            **json.loads((ROOT / run_dir / result).read_text())}
+
+
 def commands(runs: list[dict]) -> list[str]:
     """The Markdown lines that end a report: each run's command line, to rerun it."""
     return ["", "Commands (from the repository root):", "", *(f"    python {run['command']}" for run in runs)]
@@ -39,12 +60,12 @@ def smoke_models(folder: Path, preset: str = "synthetic") -> tuple[Path, Path]:
     first-frame variant) and a one-block PAVRM on its trunk, written to folder/base and folder/pavrm."""
     import torch
 
-    from engine.dit import DiT, DiTConfig
-    from engine.reward import RewardModel, RewardModelConfig
+    from engine.model.dit import DiT, DiTConfig
+    from engine.model.reward import RewardModel, RewardModelConfig
 
     torch.manual_seed(0)
     base, pavrm = folder / "base", folder / "pavrm"
-    DiT(DiTConfig.preset(preset)).save_pretrained(base)
+    save_dit(DiT(DiTConfig.preset(preset)), base)
     trunk = DiT(DiTConfig.preset(preset, num_layers=1))
     RewardModel(RewardModelConfig(blocks=1, num_heads=2, mlp_dims=(16, 8)), trunk).save_pretrained(pavrm)
     return base, pavrm

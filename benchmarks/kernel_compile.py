@@ -5,7 +5,7 @@ memory and grid size at the launch settings the kernels' own launch code picks, 
     python -m benchmarks.kernel_compile --check    # the same; exit status 1 if a kernel spills, exceeds shared
                                                    # memory or leaves SMs idle for one sample (the test suite's check)
 
-The launch code of each op (kernels/*.py) runs forward and backward on meta tensors of Wan's real shapes (1.3B: width
+The launch code of each op (engine/kernels/*.py) runs forward and backward on meta tensors of Wan's real shapes (1.3B: width
 1536, 12 heads; 14B: 5120, 40 heads; head dim 128; 480P and 720P x 81 frames: 32,760 and 75,600 tokens; fp32 and
 bf16), with its kernels' launches recorded instead of run. Each recorded launch is then compiled by Triton's own JIT
 path (`JITFunction.run(warmup=True)`, so with the specialisations a real launch gets) for sm_80 (A100) and sm_90
@@ -27,7 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels cannot be compiled
@@ -41,7 +41,7 @@ from triton.backends.driver import DriverBase  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import MockTensor  # noqa: E402
 
-import kernels.rows  # noqa: E402
+import engine.kernels.rows  # noqa: E402
 from benchmarks.kernel_launches import recorded_launches  # noqa: E402
 from benchmarks.kernel_speed import H100_BANDWIDTH, TARGET_FRACTION, TOKENS, WIDTHS, traffic  # noqa: E402
 
@@ -88,9 +88,9 @@ def _leaf(*shape, dtype) -> torch.Tensor:
 def ops(width: int, dtype: torch.dtype, tokens: int) -> dict:
     """Each op as the DiT calls it (and the gated residual the kernel also offers): forward and backward on meta
     tensors of one sample."""
-    from kernels.modulated_layer_norm import modulated_layer_norm, residual_modulated_layer_norm
-    from kernels.rms_norm import rms_norm
-    from kernels.rope import apply_rope
+    from engine.kernels.modulated_layer_norm import modulated_layer_norm, residual_modulated_layer_norm
+    from engine.kernels.rms_norm import rms_norm
+    from engine.kernels.rope import apply_rope
 
     heads = width // HEAD_DIM
     modulation = [_leaf(1, 1, width, dtype=torch.float32) for _ in range(3)]
@@ -113,8 +113,8 @@ def ops(width: int, dtype: torch.dtype, tokens: int) -> dict:
 def record_launches(multiprocessors: int) -> list[Launch]:
     """Every launch of every op at every (width, dtype, token count), on a device of `multiprocessors` SMs."""
     launches: list[Launch] = []
-    saved = kernels.rows.DEFAULT_MULTIPROCESSORS
-    kernels.rows.DEFAULT_MULTIPROCESSORS = multiprocessors
+    saved = engine.kernels.rows.DEFAULT_MULTIPROCESSORS
+    engine.kernels.rows.DEFAULT_MULTIPROCESSORS = multiprocessors
     try:
         for width in WIDTHS.values():
             for dtype_name, dtype in DTYPES.items():
@@ -130,7 +130,7 @@ def record_launches(multiprocessors: int) -> list[Launch]:
                         with recorded_launches(lambda *launch: record(*launch, "backward")):
                             out.backward(torch.empty_like(out))
     finally:
-        kernels.rows.DEFAULT_MULTIPROCESSORS = saved
+        engine.kernels.rows.DEFAULT_MULTIPROCESSORS = saved
     return launches
 
 
@@ -230,7 +230,7 @@ def describe(launch: Launch, arch: int, compiled: dict) -> dict:
     """A report row: the launch's settings and grid, its compiled resources and its traffic."""
     bytes_per_token = traffic(launch.op, launch.phase, launch.width, DTYPES[launch.dtype])
     seconds_720p = bytes_per_token * TOKENS["720p"] / (TARGET_FRACTION[launch.phase] * H100_BANDWIDTH)
-    return {"op": launch.op, "kernel": launch.kernel.removeprefix("kernels."), "phase": launch.phase,
+    return {"op": launch.op, "kernel": launch.kernel.removeprefix("engine.kernels."), "phase": launch.phase,
             "width": launch.width, "dtype": launch.dtype, "tokens": launch.tokens, "arch": arch,
             "grid": list(launch.grid), "programs": launch.programs,
             "constexprs": {k: v for k, v in launch.kwargs.items() if k != "num_warps"},

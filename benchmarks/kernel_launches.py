@@ -9,14 +9,14 @@ import contextlib
 
 import torch
 
-import kernels.modulated_layer_norm
-import kernels.rms_norm
-import kernels.rope
+import engine.kernels.modulated_layer_norm
+import engine.kernels.rms_norm
+import engine.kernels.rope
 
 KERNELS = {  # module -> its jitted kernels, by the names its launch code calls them
-    kernels.rms_norm: ("_forward", "_backward"),
-    kernels.modulated_layer_norm: ("_forward", "_backward", "_residual_forward", "_residual_backward"),
-    kernels.rope: ("_rotate",),
+    engine.kernels.rms_norm: ("_forward", "_backward"),
+    engine.kernels.modulated_layer_norm: ("_forward", "_backward", "_residual_forward", "_residual_backward"),
+    engine.kernels.rope: ("_rotate",),
 }
 
 
@@ -37,7 +37,7 @@ class _Recorder:
 @contextlib.contextmanager
 def recorded_launches(record=lambda *launch: None):
     """Within: every kernel launch goes to `record(name, grid, args, kwargs)` (default: dropped) instead of a
-    device; `name` is "module.kernel", e.g. "kernels.rope._rotate"."""
+    device; `name` is "module.kernel", e.g. "engine.kernels.rope._rotate"."""
     originals = {(m, n): getattr(m, n) for m, names in KERNELS.items() for n in names}
     for module, name in originals:
         setattr(module, name, _Recorder(f"{module.__name__}.{name}", record))

@@ -74,7 +74,7 @@ def copy_bandwidth(numel: int, device, repeats: int) -> float:
 
 
 def rms_norm_case(rows, dim, dtype, device):
-    from kernels.rms_norm import rms_norm, rms_norm_reference
+    from engine.kernels.rms_norm import rms_norm, rms_norm_reference
 
     x = torch.randn(rows, dim, dtype=dtype, device=device, requires_grad=True)
     w = torch.rand(dim, dtype=dtype, device=device, requires_grad=True)
@@ -88,7 +88,7 @@ def rms_norm_case(rows, dim, dtype, device):
 
 
 def modulated_layer_norm_case(rows, dim, dtype, device):
-    from kernels.modulated_layer_norm import modulated_layer_norm, modulated_layer_norm_reference
+    from engine.kernels.modulated_layer_norm import modulated_layer_norm, modulated_layer_norm_reference
 
     x = torch.randn(1, rows, dim, dtype=dtype, device=device, requires_grad=True)
     shift = torch.randn(1, 1, dim, device=device, requires_grad=True)
@@ -101,7 +101,7 @@ def modulated_layer_norm_case(rows, dim, dtype, device):
 def residual_modulated_layer_norm_case(rows, dim, dtype, device):
     """As the DiT calls it: no gate; x is the fp32 residual stream, y the cross-attention output in `dtype`.
     Both outputs (x', h) are timed as they are, no concatenation."""
-    from kernels.modulated_layer_norm import residual_modulated_layer_norm, residual_modulated_layer_norm_reference
+    from engine.kernels.modulated_layer_norm import residual_modulated_layer_norm, residual_modulated_layer_norm_reference
 
     x = torch.randn(1, rows, dim, device=device, requires_grad=True)
     y = torch.randn(1, rows, dim, dtype=dtype, device=device, requires_grad=True)
@@ -112,8 +112,8 @@ def residual_modulated_layer_norm_case(rows, dim, dtype, device):
 
 
 def rope_case(rows, dim, dtype, device):
-    from engine.dit import rope_for_grid
-    from kernels.rope import apply_rope, apply_rope_reference
+    from engine.model.dit import rope_for_grid
+    from engine.kernels.rope import apply_rope, apply_rope_reference
 
     heads = max(1, dim // HEAD_DIM)
     head_dim = dim // heads
@@ -190,7 +190,7 @@ def bench_op(name, rows, dim, dtype, device, repeats, bandwidth, compile_referen
 
 def bench_block(dim, tokens, device, repeats):
     """One Wan block forward+backward (bf16 weights on GPU) with each kernel backend."""
-    from engine.dit import Block, DiTConfig, rope_for_grid
+    from engine.model.dit import Block, DiTConfig, rope_for_grid
 
     result = {}
     heads = max(1, dim // HEAD_DIM) if dim >= HEAD_DIM else 2

@@ -8,7 +8,7 @@ with every term a GPU run adds named: the fit verdict on 80 GB and 141 GB GPUs, 
     python -m benchmarks.memory_model --world 1 --sp 1 --lora-rank 32 --methods prfl_sp rgb_first --sft on off
         --ds-config ds_configs/z3_offload_params.json        # 14B LoRA on one GPU, its base's parameters on the host
 
-Each case runs the real step object (`PRFLWithSFTStep` around `PRFLStep` or `RGBReFLStep`, SFT weight 1) and its
+Each case runs the real step object (`FeedbackWithSFTStep` around `PRFLStep` or `RGBReFLStep`, SFT weight 1) and its
 backward on the real models under torch's FakeTensorMode: shapes, dtypes and storages without data or compute. The
 DiT runs the fused Triton kernels' launch code as a GPU does (`--kernels triton`, their launches recorded instead of
 run: benchmarks/kernel_launches.py), so the tensors they save for backward are the ones traced. The ranks are a fake
@@ -19,8 +19,8 @@ PyTorch's CUDA allocator rounds it (512 bytes), and keeps the peak of what is li
 
 - activations: tensors autograd saved for backward (saved-tensor hooks) and the checkpointed block inputs. One
   trace gives both settings: without activation offload the block inputs stay on the device; with it each waits on
-  the host from its parking until it is prefetched, one block ahead of its recomputation (engine/offload.py's
-  schedule on a GPU), in a pinned buffer that PyTorch's host allocator rounds up to a power of two;
+  the host from its parking until it is prefetched, one block ahead of its recomputation (the schedule of
+  engine/distributed/offload.py on a GPU), in a pinned buffer that PyTorch's host allocator rounds up to a power of two;
 - temporaries: every other live tensor (outputs, intermediate results, gradients of activations, the one
   parameter gradient in flight: ZeRO-3 reduce-scatters and frees each as it is produced, so the trace drops
   parameter gradients once accumulated). Tensors kept by torch.utils.checkpoint closures (the VAE frames'
@@ -68,19 +68,21 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import engine.prfl
+import engine.steps.feedback
 from benchmarks.kernel_launches import recorded_launches
-from engine.config import LoRAConfig, RGBReFLConfig, load_config
-from engine.data import SampleRandomness
-from engine.dit import CLIP_TOKENS, DiT, DiTConfig
-from engine.flow import make_scheduler
-from engine.lora import add_lora
-from engine.offload import BlockInputStore, apply_activation_checkpointing
-from engine.parallel import apply_ulysses
-from engine.prfl import PRFLStep, PRFLWithSFTStep
-from engine.refl_rgb import TINY_CLIP, TINY_PIXELS, TINY_QWEN2_VL, TINY_VAE, build_rgb_refl_step
-from engine.reward import RewardModel, RewardModelConfig
-from engine.sft import SFTStep
+from engine.config import RGBReFLConfig
+from engine.config_io import load_config
+from engine.distributed.offload import BlockInputStore, apply_activation_checkpointing
+from engine.distributed.parallel import apply_ulysses
+from engine.model.dit import CLIP_TOKENS, DiT, DiTConfig
+from engine.model.flow import make_scheduler
+from engine.model.lora import LoRAConfig, add_lora
+from engine.model.reward import RewardModel, RewardModelConfig
+from engine.steps.feedback import FeedbackWithSFTStep
+from engine.steps.prfl import PRFLStep
+from engine.steps.rgb_refl import TINY_CLIP, TINY_PIXELS, TINY_QWEN2_VL, TINY_VAE, build_rgb_refl_step
+from engine.steps.sft import SFTStep
+from engine.train.randomness import SampleRandomness
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,9 +184,9 @@ class LiveMemory(TorchDispatchMode):
 
 
 class TracedStore(BlockInputStore):
-    """engine/offload.py's store as it behaves on a GPU, for both settings in one trace: a parked block input is an
-    activation on the device; with offload its copy waits on the host and the device holds nothing of it until
-    it is prefetched, one block ahead of its recomputation (then it is back on the device)."""
+    """The store of engine/distributed/offload.py as it behaves on a GPU, for both settings in one trace: a parked
+    block input is an activation on the device; with offload its copy waits on the host and the device holds
+    nothing of it until it is prefetched, one block ahead of its recomputation (then it is back on the device)."""
 
     def __init__(self, memory: LiveMemory) -> None:
         super().__init__(False)
@@ -230,8 +232,8 @@ def to_fake(module: nn.Module) -> nn.Module:
 
 
 def real_scheduler(*args, **kwargs):
-    """engine.flow.make_scheduler outside the fake mode: diffusers keeps its sigma tables as real tensors; the chain
-    starts at step 0, so the step index needs no lookup by value (a data-dependent op fake tensors cannot run)."""
+    """engine.model.flow.make_scheduler outside the fake mode: diffusers keeps its sigma tables as real tensors; the
+    chain starts at step 0, so the step index needs no lookup by value (a data-dependent op fake tensors cannot run)."""
     with unset_fake_temporarily():
         scheduler = make_scheduler(*args, **kwargs)
     scheduler.set_begin_index(0)
@@ -281,7 +283,7 @@ def trace_case(args, method: str, sft: str, group) -> dict:
                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)
             step = build_rgb_refl_step(run, rgb, "meta", dtype)
             step.step_override = 1  # k = 1 of 2: the rollout's peak does not depend on k
-            frozen += [step.vae.model, step.reward_model]
+            frozen += [step.scorer.vae.model, step.reward_model]
     if method == "rgb_all":  # the video model's token layout is integer bookkeeping: computed for real, once
         f, h, w = args.latent
         _, _, grid = step.reward_model.sizes(4 * (f - 1) + 1, 8 * h, 8 * w)
@@ -290,7 +292,7 @@ def trace_case(args, method: str, sft: str, group) -> dict:
     # elements, so that the data-dependent index arithmetic of transformers' Qwen2-VL runs on real values.
     constants = mock.patch.object(fake_tensor, "CONSTANT_NUMEL_LIMIT", 1 << 16)
     with FakeTensorMode(allow_non_fake_inputs=True), constants, recorded_launches(), \
-            mock.patch.object(engine.prfl, "make_scheduler", real_scheduler):
+            mock.patch.object(engine.steps.feedback, "make_scheduler", real_scheduler):
         for module in (model, *frozen):
             to_fake(module)
         memory = LiveMemory({p.untyped_storage()._cdata for m in (model, *frozen) for p in m.parameters()})
@@ -305,7 +307,7 @@ def trace_case(args, method: str, sft: str, group) -> dict:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         null_context = torch.zeros(1, dit_config.text_dim)
-        full = PRFLWithSFTStep(step, SFTStep(run.sft, null_context), run.prfl.sft_weight)
+        full = FeedbackWithSFTStep(step, SFTStep(run.sft, null_context), run.prfl.sft_weight)
         batch = {"latents": torch.zeros(1, dit_config.out_dim, *args.latent),
                  "context": torch.zeros(1, args.text_tokens, dit_config.text_dim)}
         if dit_config.model_type == "i2v":  # the image: CLIP tokens in the context, the condition beside x
@@ -334,7 +336,7 @@ def model_states(dit: nn.Module, ds_config: dict, world: int) -> dict:
     """The generator's ZeRO-3 model states and buffers on one rank (bytes): parameters and, for the trainable ones,
     gradients and optimizer states, on the device or the host as the DeepSpeed config offloads them; the gathered
     parameters and the reduce bucket; DeepSpeed's own estimate for full fine-tuning beside them."""
-    from engine.trainer import zero3_model_states
+    from engine.train.estimate import zero3_model_states
 
     zero = ds_config["zero_optimization"]
     total = sum(p.numel() for p in dit.parameters())

@@ -13,16 +13,12 @@ and interval) and the training's wall time. Writes benchmarks/results/pavrm_accu
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.cpu_report import commands, machine, smoke_models, write_report
+from benchmarks.cpu_report import commands, machine, run_recipe, smoke_models, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/pavrm-synthetic.yaml"
 INTERVALS = ("[0.0,0.2]", "(0.2,0.4]", "(0.4,0.6]", "(0.6,0.8]", "(0.8,1.0]")
 # BT forwards both videos of a pair: 8 pairs make the 16 forwards of a CE step.
@@ -33,14 +29,9 @@ SMOKE = ["train.steps=2", "train.eval_every=2", "reward.sigma_warmup_steps=2", "
 
 def train(generator: str, loss: str, run_dir: Path, overrides: list[str]) -> dict:
     """One `runners/pavrm.py` run; its final validation record plus the wall time."""
-    cmd = [sys.executable, "runners/pavrm.py", "--ds_config", "ds_configs/z2.json", "--config", RECIPE,
-           f"model.path={generator}", f"reward.loss={loss}", f"output_dir={run_dir}", *overrides]
-    started = time.time()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return {"command": " ".join(cmd[1:]), "seconds": round(time.time() - started, 1),
-            **json.loads((run_dir / "validation.json").read_text())}
+    args = ["--ds_config", "ds_configs/z2.json", "--config", RECIPE, f"model.path={generator}", f"reward.loss={loss}",
+            f"output_dir={run_dir}", *overrides]
+    return run_recipe("pavrm", args, run_dir, "validation.json")
 
 
 def markdown(report: dict) -> str:

@@ -5,7 +5,7 @@
     python -m benchmarks.pavrm_probe --smoke             # tiny sizes: checks the script, numbers mean nothing
 
 For each task (smooth against one bad kind, and all four kinds with `motion_quality`), trunk patch size and
-`attention_scale`, only the head trains (engine.reward's query-attention pooling and MLP), on trunk features that
+`attention_scale`, only the head trains (engine.model.reward's query-attention pooling and MLP), on trunk features that
 are computed once: a case takes about a minute on 2 cores, so the benchmark's and the head's design can be checked
 before a full `runners/pavrm.py` run. The trunk is frozen, so a task the probe cannot learn needs the trunk to learn
 it, or the benchmark to show it differently. Each sample keeps one noise draw for all epochs (the head can overfit
@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.data import collate
-from engine.dit import DiT, DiTConfig
-from engine.flow import add_noise, timestep_from_sigma
-from engine.reward import RewardModel, RewardModelConfig
-from engine.synthetic import MOTIONS, SyntheticMotion
+from engine.data.datasets import collate
+from engine.model.dit import DiT, DiTConfig
+from engine.model.flow import add_noise, timestep_from_sigma
+from engine.model.reward import RewardModel, RewardModelConfig
+from engine.model.weights import load_dit
+from engine.synthetic.dataset import SyntheticMotion
+from engine.synthetic.scene import MOTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"smooth vs static": ("smooth", "static"), "smooth vs jitter": ("smooth", "jitter"),
@@ -88,7 +90,7 @@ def main() -> int:
     if args.smoke:
         args.train_samples, args.val_samples, args.epochs, args.scales = 32, 16, 1, args.scales[:1]
     if args.generator:
-        trunks = {"generator": DiT.from_pretrained(args.generator, num_layers=args.blocks)}
+        trunks = {"generator": load_dit(args.generator, num_layers=args.blocks)}
     else:
         torch.manual_seed(0)
         trunks = {p: DiT(DiTConfig.preset("tiny", num_layers=args.blocks, text_len=16,

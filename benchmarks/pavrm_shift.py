@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.cpu_report import cell, machine, smoke_models, write_report
-from engine.dit import DiT
-from engine.flow import timestep_from_sigma
-from engine.reward import RewardModel
-from engine.reward_training import roc_auc
-from engine.synthetic import (MIN_DISPLACEMENT, SHAPE, SPEED, encode_prompt, generate, held_out_pairs, judge, render,
-                              summarize)
+from engine.model.flow import timestep_from_sigma
+from engine.model.reward import RewardModel
+from engine.model.weights import load_dit
+from engine.steps.reward import roc_auc
+from engine.synthetic.dataset import generate, held_out_pairs
+from engine.synthetic.judge import MIN_DISPLACEMENT, judge, summarize
+from engine.synthetic.scene import SHAPE, SPEED, encode_prompt, render
 
 SPEEDS = (0.0, 0.15, 0.3, 0.45, 0.6, SPEED[1])
 
@@ -68,7 +69,7 @@ def rendered_speeds(reward_model: RewardModel, pairs: list[tuple[str, int]]) -> 
 def generator_row(name: str, path: Path, reward_model: RewardModel, pairs: list[tuple[str, int]], steps: int,
                   smooth_median: float) -> dict:
     prompts = [prompt for prompt, _ in pairs]
-    videos = generate(DiT.from_pretrained(path).eval(), pairs, steps=steps)
+    videos = generate(load_dit(path).eval(), pairs, steps=steps)
     verdicts = [judge(video, prompt) for video, prompt in zip(videos, prompts)]
     scores = logits(reward_model, videos, prompts)
     passed = torch.tensor([v.passed for v in verdicts])

@@ -16,17 +16,12 @@ spread. Writes benchmarks/results/prfl_i2v-cpu.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.cpu_report import cell, commands, machine, smoke_models, write_report
+from benchmarks.cpu_report import ROOT, cell, commands, machine, run_recipe, smoke_models, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/prfl-synthetic-i2v.yaml"
 SMOKE = ["train.steps=2", "sampling.steps=3", "eval.held_out_pairs=8", "eval.batch_size=8", "train.micro_batch_size=1"]
 RUNS = {"recipe": [], "SFT alone": ["prfl.weight=1e-6"]}
@@ -35,22 +30,17 @@ ROWS = {"pass_rate": "judge pass", "first_frame_rate": "first frame kept", "rewa
 
 
 def train(base: Path, reward: Path, run_dir: Path, overrides: list[str]) -> dict:
-    cmd = [sys.executable, "runners/prfl.py", "--ds_config", "ds_configs/z3_offload.json", "--config", RECIPE,
-           f"model.path={base}", f"reward.path={reward}", "bootstrap.enabled=false", f"output_dir={run_dir}",
-           *overrides]
-    shutil.rmtree(ROOT / run_dir, ignore_errors=True)  # a fresh run, never another run's checkpoints
-    started = time.time()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return {"command": " ".join(cmd[1:]), "seconds": round(time.time() - started, 1),
-            **json.loads((ROOT / run_dir / "summary.json").read_text())}
+    args = ["--ds_config", "ds_configs/z3_offload.json", "--config", RECIPE, f"model.path={base}",
+            f"reward.path={reward}", "bootstrap.enabled=false", f"output_dir={run_dir}", *overrides]
+    return run_recipe("prfl", args, run_dir, "summary.json")
 
 
 def rendered(pairs: int) -> dict:
     """The judge's summary of the rendered smooth videos of the first `pairs` held-out pairs, each against its own
     first frame: what a generator that learned the data would score."""
-    from engine.synthetic import condition_frame, first_frame_inputs, held_out_pairs, judge, render, summarize
+    from engine.synthetic.dataset import held_out_pairs
+    from engine.synthetic.judge import judge, summarize
+    from engine.synthetic.scene import condition_frame, first_frame_inputs, render
 
     chosen = held_out_pairs(pairs)
     verdicts = [judge(render(p, "smooth", s), p, condition_frame(first_frame_inputs(p, "smooth", s)["y"]))

@@ -16,17 +16,12 @@ benchmarks/results/prfl_stages-cpu.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.cpu_report import cell, commands, machine, smoke_models, write_report
+from benchmarks.cpu_report import ROOT, cell, commands, machine, run_recipe, smoke_models, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("all", "early", "middle", "late", "last_quarter")
 COLUMNS = {"pass_rate": "pass", "reward_mean": "reward", "tracked_rate": "tracked in every frame",
            "median_max_acceleration_px": "largest acceleration (px)", "median_direction_cosine": "direction cosine"}
@@ -35,16 +30,9 @@ SMOKE = ["train.steps=2", "sampling.steps=3", "eval.held_out_pairs=4", "eval.bat
 
 def train(stage: str, base: Path, reward: Path, run_dir: Path, overrides: list[str]) -> dict:
     """One `runners/prfl.py` run of the embedded default with k drawn from `stage`; its summary plus the wall time."""
-    cmd = [sys.executable, "runners/prfl.py", "--ds_config", "ds_configs/z3_offload.json", f"model.path={base}",
-           f"reward.path={reward}", "bootstrap.enabled=false", f"prfl.stage={stage}", f"output_dir={run_dir}",
-           *overrides]
-    shutil.rmtree(ROOT / run_dir, ignore_errors=True)  # a fresh run, never another run's checkpoints
-    started = time.time()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return {"stage": stage, "command": " ".join(cmd[1:]), "seconds": round(time.time() - started, 1),
-            **json.loads((ROOT / run_dir / "summary.json").read_text())}
+    args = ["--ds_config", "ds_configs/z3_offload.json", f"model.path={base}", f"reward.path={reward}",
+            "bootstrap.enabled=false", f"prfl.stage={stage}", f"output_dir={run_dir}", *overrides]
+    return {"stage": stage, **run_recipe("prfl", args, run_dir, "summary.json")}
 
 
 def markdown(report: dict) -> str:

@@ -32,9 +32,9 @@ def run_case(case: dict) -> dict:
     """One case in this process."""
     import torch
 
-    from engine.config import load_config
-    from engine.sft import SFTStep
-    from engine.trainer import Trainer
+    from engine.config_io import load_config
+    from engine.steps.sft import SFTStep
+    from engine.train.trainer import Trainer
 
     cuda = torch.cuda.is_available()  # the smoke cases run on a CPU
     doing = "building the trainer"

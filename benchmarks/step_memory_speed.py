@@ -14,9 +14,9 @@ random (cost does not depend on values).
 - PRFL: `PRFLStep` (k uniform over the chain) with a frozen K=8-block PAVRM of the same model; its trunk is
   block-checkpointed like the generator, by `Trainer.distribute` as runners/prfl.py does (without it 720P does not
   fit).
-- RGB ReFL: `RGBReFLStep` (k in RGBReFLConfig's stage, the last quarter; one-step x0; Wan2.1 VAE decode with
-  per-frame checkpointing; CLIP ViT-H/14 image reward on frame 1, or Qwen2-VL-2B video reward on all frames at
-  2 fps), engine/refl_rgb.py.
+- RGB ReFL: `RGBReFLStep` (k in the chain's last quarter, prfl.stage=last_quarter; one-step x0; Wan2.1 VAE decode
+  with per-frame checkpointing; CLIP ViT-H/14 image reward on frame 1, or Qwen2-VL-2B video reward on all frames at
+  2 fps), engine/steps/rgb_refl.py.
 
 Per case: one warm-up step, then `--steps` optimizer steps, each timed with the GPU synchronised at the phase
 boundaries: rollout (no-grad steps 0..k-1), gradient forward (step k, batched with the SFT prediction), reward
@@ -74,8 +74,8 @@ class PhaseTimer:
 
 
 def mean_step_index(steps: int, stage: str) -> float:
-    """E[k] of a stage, by engine.prfl.step_index on an even grid of draws."""
-    from engine.prfl import step_index
+    """E[k] of a stage, by engine.steps.feedback.step_index on an even grid of draws."""
+    from engine.steps.feedback import step_index
 
     draws = 10_000
     return sum(step_index((i + 0.5) / draws, steps, stage) for i in range(draws)) / draws
@@ -86,11 +86,12 @@ def build_step(case: dict, config, trainer):
     import torch
 
     from engine.config import RGBReFLConfig
-    from engine.dit import DiT, DiTConfig
-    from engine.prfl import PRFLStep, PRFLWithSFTStep
-    from engine.refl_rgb import TINY_CLIP, TINY_PIXELS, TINY_QWEN2_VL, TINY_VAE, build_rgb_refl_step
-    from engine.reward import RewardModel, RewardModelConfig
-    from engine.sft import SFTStep
+    from engine.model.dit import DiT, DiTConfig
+    from engine.model.reward import RewardModel, RewardModelConfig
+    from engine.steps.feedback import FeedbackWithSFTStep
+    from engine.steps.prfl import PRFLStep
+    from engine.steps.rgb_refl import TINY_CLIP, TINY_PIXELS, TINY_QWEN2_VL, TINY_VAE, build_rgb_refl_step
+    from engine.steps.sft import SFTStep
 
     device, dtype = trainer.device, trainer.dtype
     null_context = trainer.dataset.null_context.to(device)
@@ -108,7 +109,7 @@ def build_step(case: dict, config, trainer):
                             reward_config=(TINY_CLIP if frames == "first" else TINY_QWEN2_VL) if tiny else {},
                             **(dict(min_pixels=TINY_PIXELS[0], max_pixels=TINY_PIXELS[1]) if tiny else {}))
         step = build_rgb_refl_step(config, rgb, device, dtype, null_context)
-    return step, PRFLWithSFTStep(step, SFTStep(config.sft, null_context), config.prfl.sft_weight)
+    return step, FeedbackWithSFTStep(step, SFTStep(config.sft, null_context), config.prfl.sft_weight)
 
 
 def run_case(case: dict) -> dict:
@@ -116,8 +117,8 @@ def run_case(case: dict) -> dict:
     import torch
 
     from benchmarks.child import is_out_of_memory
-    from engine.config import RGBReFLConfig, load_config
-    from engine.trainer import Trainer
+    from engine.config_io import load_config
+    from engine.train.trainer import Trainer
 
     cuda = torch.cuda.is_available()
     doing = "building the trainer"
@@ -127,7 +128,9 @@ def run_case(case: dict) -> dict:
                      "train.steps=1000", f"sampling.steps={case['sampling_steps']}",
                      f"prfl.sft_weight={1.0 if case['sft'] == 'on' else 0.0}", "memory.checkpointing=true",
                      f"memory.offload={str(case['offload']).lower()}",
-                     f"lora.rank={LORA_RANK if case['tuning'] == 'lora' else 0}"]
+                     f"lora.rank={LORA_RANK if case['tuning'] == 'lora' else 0}",
+                     # RGB ReFL as published supervises the last quarter of the chain; PRFL the whole chain
+                     f"prfl.stage={'all' if case['method'] == 'prfl' else 'last_quarter'}"]
         try:
             config = load_config(ROOT / "configs/tiny.yaml", overrides)
             trainer = Trainer(config, json.loads((ROOT / case["ds_config"]).read_text()))
@@ -137,7 +140,7 @@ def run_case(case: dict) -> dict:
             for name in ("rollout", "reward"):
                 setattr(reward_step, name, timer.wrap(name, getattr(reward_step, name)))
             if case["method"] != "prfl":
-                reward_step.decode = timer.wrap("decode", reward_step.decode)
+                reward_step.scorer.decode = timer.wrap("decode", reward_step.scorer.decode)
             engine = trainer.engine
             engine.backward, engine.step = timer.wrap("backward", engine.backward), timer.wrap("optimizer", engine.step)
             timed_step = timer.wrap("step_call", step)
@@ -164,8 +167,7 @@ def run_case(case: dict) -> dict:
                 return {"status": "OOM", "while": doing, "error": str(e).splitlines()[0]}
             raise
     per_rollout_step = [r["rollout"] / r["k"] for r in rows if r["k"]]
-    stage = config.prfl.stage if case["method"] == "prfl" else RGBReFLConfig.stage
-    expected_k = mean_step_index(case["sampling_steps"], stage)
+    expected_k = mean_step_index(case["sampling_steps"], config.prfl.stage)
     median = statistics.median(r["step_s"] for r in rows)
     return {
         "status": "ok", "step_time_s": median, "steps_timed": len(rows), "k": [r["k"] for r in rows],

@@ -1,35 +1,29 @@
-"""Typed run configs: dataclasses filled from YAML recipes plus `section.key=value` command-line overrides.
-
-Every recipe under `configs/` is a value of `RunConfig`, never a second schema. Mistakes are errors that say where:
-an unknown key names the closest valid one, a wrong type names the field, the value and the expected type.
+"""The typed run config: `RunConfig` and its sections, each field with a one-line comment and each section's
+validation naming the field. Every recipe under `configs/` is a value of `RunConfig`, never a second schema; reading
+YAML and `section.key=value` overrides into it is engine/config_io.py's job. Sections that belong to a model are
+defined beside it (engine.model.reward.RewardModelConfig, engine.model.lora.LoRAConfig).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-import yaml
+from engine.errors import ConfigError
+from engine.model.dit import PRESETS
+from engine.model.lora import LoRAConfig
+from engine.model.reward import RewardModelConfig
 
-from engine.dit import PRESETS
-from engine.reward import RewardModelConfig
-from engine.synthetic import KINDS
-
-
-class ConfigError(ValueError):
-    """A config that does not fit its schema; the message names the source and the field."""
+# Checks of the `data` section that data-source plugins add (engine.synthetic checks its motion kinds); each raises
+# ConfigError naming the field. They run when a DataConfig is made, so a recipe fails as it loads.
+DATA_CHECKS: list[Callable[["DataConfig"], None]] = []
 
 
 @dataclass
 class ModelConfig:
     """Which generator to build and from where."""
 
-    preset: str = "tiny"  # architecture from engine.dit.PRESETS, used when `path` is not set
+    preset: str = "tiny"  # architecture from engine.model.dit.PRESETS, used when `path` is not set
     path: str | None = None  # local Wan2.1 / diffusers checkpoint (folder or .safetensors); its config wins
     attention_backend: Literal["sdpa", "flash"] = "sdpa"  # flash needs the `gpu` extra
     kernel_backend: Literal["auto", "torch", "triton"] = "auto"  # fused norms/modulation/rotary; auto: triton
@@ -81,8 +75,9 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Training samples: `list` (latents on disk, see engine/data.py), `synthetic` (the motion benchmark, rendered
-    on the fly) or `random` (random latents and text in memory: engine tests and smoke runs)."""
+    """Training samples: `list` (latents on disk, engine/data/format.py), `synthetic` (the motion benchmark, rendered
+    on the fly; its source is registered by `import engine.synthetic`, as the runners do) or `random` (random latents
+    and text in memory: engine tests and smoke runs)."""
 
     source: Literal["random", "synthetic", "list"] = "random"
     list_file: str | None = None  # `list`: the .list file naming the samples
@@ -91,21 +86,20 @@ class DataConfig:
     text_tokens: int = 16  # `random`: text tokens per prompt
     val_list_file: str | None = None  # `list`: held-out samples for validation
     val_num_samples: int = 64  # `synthetic`: held-out samples (seeds disjoint from training) for validation
-    # `synthetic`: the motion kinds of the even mix (None: the base generator's four, engine.synthetic.MOTIONS);
-    # reward-model data may add `wrong_way`, a smooth object moving in another direction than the prompt's
+    # `synthetic`: the motion kinds of the even mix (None: the base generator's four, engine.synthetic.scene.MOTIONS);
+    # reward-model data may add `wrong_way`, a smooth object moving in another direction than the prompt's, and
+    # (the first-frame variant) `wrong_start`
     synthetic_motions: list[str] | None = None
     # `synthetic`, reward-model training data (not its validation): the object's brightness and width and the noise
-    # level drawn per sample (engine.synthetic.VARIED_LOOK), so that the PAVRM judges motion, not how rendered
+    # level drawn per sample (engine.synthetic.scene.VARIED_LOOK), so that the PAVRM judges motion, not how rendered
     # videos look
     synthetic_varied_looks: bool = False
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ConfigError(f"data.num_samples={self.num_samples}: expected at least 1")
-        if self.synthetic_motions is not None and (not self.synthetic_motions
-                                                   or any(m not in KINDS for m in self.synthetic_motions)):
-            raise ConfigError(f"data.synthetic_motions={self.synthetic_motions}: expected motion kinds from "
-                              f"{', '.join(KINDS)}")
+        for check in DATA_CHECKS:
+            check(self)
         if self.synthetic_varied_looks and self.source != "synthetic":
             raise ConfigError(f"data.synthetic_varied_looks with data.source={self.source!r}: it varies the rendered "
                               "samples of source 'synthetic' only")
@@ -169,10 +163,11 @@ class RewardConfig:
 class PRFLConfig:
     """The PRFL reward step: where in the sampling chain the gradient step falls and what the reward loss is."""
 
-    mode: Literal["prfl", "rgb_refl"] = "prfl"  # prfl: the latent reward model scores x_{k+1}; rgb_refl: the
-    # pixel-space baseline PRFL is measured against (decode + pixel reward model, section rgb_refl)
-    stage: Literal["all", "early", "middle", "late", "last_quarter"] = "all"  # where step k is drawn, uniformly:
-    # the whole chain, one of its thirds (the paper's ablation), or its last quarter (RGB ReFL's nearly clean latents)
+    mode: Literal["prfl", "rgb_refl"] = "prfl"  # who scores step k: prfl, the latent reward model at x_{k+1};
+    # rgb_refl, the pixel-space baseline PRFL is measured against (decode + pixel reward model, section rgb_refl)
+    stage: Literal["all", "early", "middle", "late", "last_quarter"] = "all"  # where step k is drawn, uniformly, for
+    # both modes: the whole chain, one of its thirds (the paper's ablation), or its last quarter (RGB ReFL's nearly
+    # clean latents, where it draws k as published)
     objective: Literal["logit", "log_sigmoid", "hinge", "reference"] = "logit"
     # logit: -r (the paper); log_sigmoid: -log sigmoid(r); hinge: relu(margin - r); reference: relu(target -
     # sigmoid(r)), the reference code's loss, kept for comparison (its gradient vanishes as the reward grows confident)
@@ -227,7 +222,7 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between evaluations (0 = never)
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
     keep_last: int = 2  # checkpoints kept on disk
-    export: bool = True  # write consolidated safetensors (DiT.from_pretrained) beside every checkpoint
+    export: bool = True  # write the loadable model folder (load_dit; a PAVRM folder) beside every checkpoint
     ema_decay: float = 0.0  # EMA of the trained weights, ema = decay * ema + (1 - decay) * w per step (0 = off)
     ema_start: int = 0  # optimizer steps during which the EMA copies the weights before it starts averaging
 
@@ -243,52 +238,10 @@ class TrainConfig:
             raise ConfigError(f"train.ema_start={self.ema_start}: expected 0 or more steps")
 
 
-# Layers of a block that can carry LoRA adapters: those that both diffusers' Wan LoRA loader and the original Wan /
-# ComfyUI layout name (k_img / v_img only as a pair, i2v only).
-LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
-                "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")
-
-
-@dataclass
-class LoRAConfig:
-    """Low-rank adapters (peft) on the generator instead of full fine-tuning; see engine/lora.py."""
-
-    rank: int = 0  # adapter rank r; 0 = LoRA off, every weight of the generator trains
-    alpha: float | None = None  # the adapters' update is scaled by alpha / rank; None: alpha = rank (scale 1)
-    dropout: float = 0.0  # dropout on the adapters' input; needs memory.checkpointing=false (no mask replay)
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS[:8]))  # layers of every block that get
-    # adapters (default: q, k, v, o of self- and cross-attention); also cross_attn.k_img + v_img (i2v), ffn.0, ffn.2
-
-    def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ConfigError(f"lora.rank={self.rank}: expected 0 (off) or a positive rank")
-        if self.alpha is not None and self.alpha <= 0:
-            raise ConfigError(f"lora.alpha={self.alpha}: expected a positive number (or null for alpha = rank)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout={self.dropout}: expected a probability in [0, 1)")
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
-        if unknown:
-            raise ConfigError(f"lora.targets: unknown layer {unknown[0]!r}; expected some of {', '.join(LORA_TARGETS)}")
-        if not self.targets or len(set(self.targets)) != len(self.targets):
-            raise ConfigError(f"lora.targets={self.targets}: expected a non-empty list without repeats")
-        if ("cross_attn.k_img" in self.targets) != ("cross_attn.v_img" in self.targets):
-            raise ConfigError(f"lora.targets={self.targets}: cross_attn.k_img and cross_attn.v_img go together "
-                              "(diffusers' Wan LoRA converter reads them only as a pair)")
-
-    @property
-    def effective_alpha(self) -> float:
-        return float(self.rank if self.alpha is None else self.alpha)
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank, the factor of the adapters' update B A."""
-        return self.effective_alpha / self.rank
-
-
 @dataclass
 class BootstrapConfig:
     """The synthetic benchmark's own models: a PRFL run trains `model.path` (the base generator) and
-    `reward.path` (its PAVRM) with these recipes when the folders are missing (engine/bootstrap.py)."""
+    `reward.path` (its PAVRM) with these recipes when the folders are missing (engine/synthetic/bootstrap.py)."""
 
     enabled: bool = False  # train whichever of model.path and reward.path is missing before the run
     # runners/sft.py recipes of the base generator, in order: each after the first starts from the one before
@@ -296,7 +249,7 @@ class BootstrapConfig:
                                                              "configs/synthetic-base.yaml"])
     reward_recipe: str = "configs/pavrm-synthetic.yaml"  # runners/pavrm.py recipe (its trunk: the base generator)
     # key=value for the PAVRM trainer alone, after its recipe: PRFL's PAVRM learns from videos of varied looks,
-    # which PRFL hacks less than a PAVRM that saw plain renders only (README, PRFL fine-tuning)
+    # which PRFL hacks less than a PAVRM that saw plain renders only (benchmarks/results/pavrm_shift.md)
     reward_overrides: list[str] = field(default_factory=lambda: ["data.synthetic_varied_looks=true"])
     ds_config: str = "ds_configs/z2.json"  # both trainers run on one rank
     overrides: list[str] = field(default_factory=list)  # key=value for both trainers, e.g. train.steps=2
@@ -329,7 +282,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     prfl: PRFLConfig = field(default_factory=PRFLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    rgb_refl: "RGBReFLConfig" = field(default_factory=lambda: RGBReFLConfig())  # defined below, with its step
+    rgb_refl: "RGBReFLConfig" = field(default_factory=lambda: RGBReFLConfig())  # defined below
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     seed: int = 0  # base seed; each data-parallel group derives its own, shared by its sequence-parallel ranks
@@ -344,151 +297,18 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Building dataclasses from plain data
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp, where: str) -> Any:
-    """Check `value` against the annotation `tp`, converting where it is lossless (int -> float, list -> tuple)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {value!r}")
-        return build(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{where}={value!r}: expected {' or '.join(_type_name(a) for a in args)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}={value!r}: expected one of {', '.join(map(repr, args))}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}={value!r}: expected a list")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{where}={value!r}: expected {len(args)} items")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}={value!r}: expected a mapping")
-        return value
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        raise ConfigError(f"{where}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
-    return value
-
-
-def _fields(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def build(cls, data: dict, where: str = ""):
-    """Instantiate dataclass `cls` from nested plain data, checking every key and type."""
-    fields = _fields(cls)
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean {(where + '.' if where else '') + close[0]}?" if close else ""
-            raise ConfigError(f"unknown config key {path!r}{hint} (valid here: {', '.join(fields)})")
-        kwargs[key] = _coerce(value, fields[key], path)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as e:  # a section defined outside this file (e.g. the reward model's architecture)
-        raise ConfigError(f"{where or cls.__name__}: {e}") from None
-
-
-def _all_keys(cls, prefix: str = "") -> list[str]:
-    keys = []
-    for name, tp in _fields(cls).items():
-        keys.append(prefix + name)
-        if dataclasses.is_dataclass(tp):
-            keys += _all_keys(tp, f"{prefix}{name}.")
-    return keys
-
-
-def apply_override(data: dict, override: str, cls) -> None:
-    """Set `a.b.c=value` in nested `data`; the value is parsed as YAML (so 1e-5, true, [1, 2] and null work)."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r}: expected key=value, e.g. sampling.steps=20")
-    key, raw = override.split("=", 1)
-    valid = _all_keys(cls)
-    if key not in valid:
-        close = difflib.get_close_matches(key, valid, n=1)
-        raise ConfigError(f"unknown config key {key!r} in override {override!r}"
-                          + (f"; did you mean {close[0]}?" if close else ""))
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(raw)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=RunConfig):
-    """Read a YAML recipe (or start from defaults), apply overrides, validate; errors name the file."""
-    data: dict = {}
-    source = "overrides"
-    if path is not None:
-        source = str(path)
-        if not Path(path).is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    for override in overrides:
-        apply_override(data, override, cls)
-    try:
-        return build(cls, data)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def to_dict(config) -> dict:
-    """Plain nested data (for writing the resolved config next to a run)."""
-    return dataclasses.asdict(config)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The RGB ReFL baseline (engine/refl_rgb.py): the pixel-space method PRFL is measured against
+# The RGB ReFL baseline (engine/steps/rgb_refl.py): the pixel-space method PRFL is measured against
 
 
 @dataclass
 class RGBReFLConfig:
-    """The RGB ReFL baseline step: decode the one-step x0 prediction of step k with the Wan VAE and score the pixels
-    with a frozen image (first frame) or video (all frames) reward model. The rollout, reward objective, weight,
-    rollout guidance and SFT weight are the `prfl` section's, so both methods train the same way."""
+    """The RGB ReFL baseline's scorer: decode the one-step x0 prediction of step k with the Wan VAE and score the
+    pixels with a frozen image (first frame) or video (all frames) reward model. Everything else, the stage k is
+    drawn from included, is the `prfl` section's, so both methods train the same way (RGB ReFL as published draws k
+    late in the chain: prfl.stage=last_quarter)."""
 
     frames: Literal["first", "all"] = "first"  # first: ContentV-style, decode latent frame 0 and score it with a
     # PickScore-class image model (the paper's baseline); all: decode every frame, score with a VideoAlign-class model
-    stage: Literal["all", "early", "middle", "late", "last_quarter"] = "last_quarter"  # where k is drawn
-    # (engine.prfl.stage_steps): by default the last quarter of the chain, "t close to 0" as RGB ReFL samples it
     vae_path: str | None = None  # the Wan2.1 VAE: a diffusers AutoencoderKLWan folder or Wan2.1_VAE.pth
     reward_path: str | None = None  # a folder written by the reward model's save_pretrained (transformers + head)
     random_weights: bool = False  # benchmarks: random VAE and reward model of the sizes below, no paths needed

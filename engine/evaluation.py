@@ -1,12 +1,9 @@
 """Generation during training: fixed prompts and seeds sampled with the run's chain (`sampling.*`) before the first
-step and every `train.eval_every` steps, scored by the frozen reward model and, on the synthetic benchmark, by its
-judge.
+step and every `train.eval_every` steps, scored by the frozen reward model and, where the data source has one, by
+its judge (the synthetic benchmark's).
 
     evaluation = SampleEvaluation(run_config, validation_prompts(run_config, dit_config), reward_model, run_dir)
     trainer.fit(step, evaluate=evaluation)        # logs val/reward_mean, val/reward_std (+ val/pass_rate ...)
-
-    report = HeldOutReport(run_config, dit_config, reward_model, run_dir, null_context)   # synthetic data only
-    report.measure(trainer, "before"); trainer.fit(step); report.finish(trainer)          # -> <run>/summary.json
 
 Every rank samples the same videos through the training engine (ZeRO-3 gathers one layer's parameters at a time,
 never the whole model); rank 0 writes them to `<run>/samples/step_NNNNNN/`: NNNNN.safetensors (`latents`, prompt and
@@ -17,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,46 +21,29 @@ from safetensors.torch import save_file
 
 from engine.atomic import atomic_file, atomic_write_text
 from engine.config import RunConfig
-from engine.dit import DiTConfig
-from engine.generate import sample_videos
+from engine.data.datasets import Prompts, ValidationPrompt, data_source
+from engine.data.video import write_mp4
+from engine.model.dit import DiTConfig
+from engine.model.encoders import VAE
+from engine.model.sampling import sample_videos
 
 
-@dataclass
-class ValidationPrompt:
-    context: torch.Tensor  # [L, text_dim]
-    prompt: str | None  # the text, when the data carries it
-    seed: int  # noise seed of the video
-    clip_fea: torch.Tensor | None = None  # i2v: the conditioning image's CLIP features [257, clip_dim]
-    y: torch.Tensor | None = None  # i2v: its first-frame condition [in_dim - C, f, h, w]
-
-
-def validation_prompts(config: RunConfig, model: DiTConfig, count: int | None = None
-                       ) -> tuple[list[ValidationPrompt], tuple[int, int, int]]:
+def validation_prompts(config: RunConfig, model: DiTConfig, count: int | None = None) -> Prompts:
     """The fixed prompts and seeds of a run's evaluation (`count`, default `eval.samples`) and their latent grid
-    (f, h, w): held-out (prompt, seed) pairs of the synthetic benchmark, the first samples of `data.val_list_file`
-    (or of `data.list_file`), or random prompts for `data.source: random`."""
-    count, seed = count or config.eval.samples, config.eval.seed
-    data = config.data
-    if data.source == "synthetic":
-        from engine.synthetic import SHAPE, encode_prompt, first_frame_inputs, held_out_pairs
+    (f, h, w), as the data source gives them: the first samples of `data.val_list_file` (or of `data.list_file`),
+    random prompts for `data.source: random`, held-out pairs of the synthetic benchmark."""
+    return data_source(config.data).prompts(config.data, model, count or config.eval.samples, config.eval.seed)
 
-        # the first-frame variant conditions each pair on the first frame of its rendered smooth video
-        condition = (lambda p, s: first_frame_inputs(p, "smooth", s)) if model.model_type == "i2v" else \
-            (lambda p, s: {})
-        return [ValidationPrompt(encode_prompt(p), p, s, **condition(p, s)) for p, s in held_out_pairs(count, seed)], \
-            SHAPE
-    from engine.data import LatentListDataset, build_dataset
 
-    if data.source == "list":
-        dataset = LatentListDataset(data.val_list_file or data.list_file, latent_channels=model.out_dim)
-        prompts = [meta.get("prompt") for meta in dataset.metas]
-    else:
-        dataset = build_dataset(data, model, seed)
-        prompts = [None] * len(dataset)
-    samples = [dataset[i % len(dataset)] for i in range(count)]
-    shape = tuple(samples[0]["latents"].shape[1:])
-    return [ValidationPrompt(s["context"], prompts[i % len(dataset)], seed + i, s.get("clip_fea"), s.get("y"))
-            for i, s in enumerate(samples)], shape
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a rate (95% by default): honest near 0 and 1 and on small samples."""
+    if n == 0:
+        return math.nan, math.nan
+    rate = successes / n
+    denominator = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def conditions(prompts: list[ValidationPrompt]) -> dict[str, list[torch.Tensor] | None]:
@@ -76,16 +55,15 @@ def conditions(prompts: list[ValidationPrompt]) -> dict[str, list[torch.Tensor] 
 class SampleEvaluation:
     """The evaluation hook of `Trainer.fit` for generators; see the module docstring."""
 
-    def __init__(self, config: RunConfig, prompts: tuple[list[ValidationPrompt], tuple[int, int, int]],
-                 reward_model: torch.nn.Module | None, run_dir: str | Path, null_context: torch.Tensor,
+    def __init__(self, config: RunConfig, prompts: Prompts, reward_model: torch.nn.Module | None,
+                 run_dir: str | Path, null_context: torch.Tensor,
                  folder: str = "samples") -> None:
         self.config, (self.prompts, self.shape) = config, prompts
         self.reward_model, self.null_context = reward_model, null_context
         self.folder = Path(run_dir) / folder  # the videos of step N go to <folder>/step_N
+        self.judge = data_source(config.data).judge
         self.vae = None
         if config.eval.vae:
-            from engine.encoders import VAE
-
             self.vae = VAE.from_pretrained(config.eval.vae)
 
     @torch.no_grad()
@@ -120,20 +98,13 @@ class SampleEvaluation:
             rewards = self.rewards(latents, trainer.device)
             metrics.update({"val/reward_mean": rewards.mean().item(), "val/reward_std": rewards.std().item(),
                             "val/reward_prob_mean": rewards.sigmoid().mean().item()})
-        if self.config.data.source == "synthetic":
-            from engine.synthetic import condition_frame, judge, summarize
-
-            prompts = [p.prompt for p in self.prompts]
-            summary = summarize([judge(video, p.prompt, None if p.y is None else condition_frame(p.y))
-                                 for video, p in zip(latents, self.prompts)], prompts)
-            metrics.update({f"val/{key}": value for key, value in summary.items() if key != "samples"})
+        if self.judge is not None:
+            metrics.update({f"val/{key}": value for key, value in self.judge(latents, self.prompts).items()})
         if trainer.is_main:
             self.write(self.folder / f"step_{trainer.step:06d}", latents, rewards)
         return metrics
 
     def write(self, folder: Path, latents: torch.Tensor, rewards: torch.Tensor | None) -> None:
-        from engine.video import write_mp4
-
         folder.mkdir(parents=True, exist_ok=True)
         index = []
         for i, (prompt, video) in enumerate(zip(self.prompts, latents)):
@@ -147,46 +118,3 @@ class SampleEvaluation:
                 record["video"] = write_mp4(folder / f"{i:05d}.mp4", self.vae.decode(video), self.config.eval.fps).name
             index.append(record)
         atomic_write_text(folder / "index.jsonl", "".join(json.dumps(r) + "\n" for r in index))
-
-
-class HeldOutReport:
-    """Synthetic benchmark: what the run changed. The generator samples `eval.held_out_pairs` held-out (prompt,
-    seed) pairs through the engine (as SampleEvaluation does, videos in `<run>/held_out/step_N/`) before training
-    and after the last step; the mean reward (the PAVRM logit at t = 0), the judge's pass rate (with its Wilson 95%
-    interval) and detected rates, the diversity and the median direction cosine and largest acceleration of both,
-    and the diversity ratio after / before go to the console and to `<run>/summary.json`. In the first-frame (i2v)
-    variant the pairs are conditioned on their rendered first frames, the summary adds the first-frame adherence
-    (with its interval) and the diversity is that of the motion (the condition fixes the start)."""
-
-    KEYS = ("reward_mean", "pass_rate", "pass_rate_ci95_low", "pass_rate_ci95_high", "detected_rate", "tracked_rate",
-            "trajectory_spread_px", "motion_spread_px", "median_direction_cosine", "median_max_acceleration_px",
-            "first_frame_rate", "first_frame_rate_ci95_low", "first_frame_rate_ci95_high", "median_start_distance_px")
-
-    def __init__(self, config: RunConfig, model: DiTConfig, reward_model: torch.nn.Module | None,
-                 run_dir: str | Path, null_context: torch.Tensor) -> None:
-        prompts = validation_prompts(config, model, config.eval.held_out_pairs)
-        self.evaluation = SampleEvaluation(config, prompts, reward_model, run_dir, null_context, folder="held_out")
-        self.path, self.results = Path(run_dir) / "summary.json", {}
-
-    def measure(self, trainer, when: str) -> None:
-        """Sample and judge the held-out pairs with the weights the engine holds now (every rank takes part)."""
-        metrics = {k.removeprefix("val/"): v for k, v in self.evaluation(trainer).items()}
-        # No spread when the judge finds no object: null in the JSON, which strict readers accept and NaN is not.
-        values = {k: None if math.isnan(metrics[k]) else metrics[k] for k in self.KEYS if k in metrics}
-        self.results[when] = {"step": trainer.step, "samples": len(self.evaluation.prompts), **values}
-        if trainer.is_main:
-            print(f"held-out {when} (step {trainer.step}, {len(self.evaluation.prompts)} pairs): "
-                  + " ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in values.items()), flush=True)
-
-    def finish(self, trainer) -> dict:
-        """Measure after training and write summary.json (rank 0); returns the summary."""
-        self.measure(trainer, "after")
-        diversity = "motion_spread_px" if "first_frame_rate" in self.results["before"] else "trajectory_spread_px"
-        before, after = (self.results[w].get(diversity) for w in ("before", "after"))
-        summary = {**self.results, "diversity_ratio": after / before if before and after is not None else None}
-        if trainer.is_main:
-            atomic_write_text(self.path, json.dumps(summary, indent=2) + "\n")
-            ratio = summary["diversity_ratio"]
-            print(f"diversity after / before: {'n/a' if ratio is None else f'{ratio:.3g}'}; summary in {self.path}",
-                  flush=True)
-        return summary

@@ -9,20 +9,25 @@ validation (the paper's five noise intervals, ROC-AUC) goes to the console, tens
 
 import sys
 
-from engine.cli import parse_run, print_dry_run
-from engine.config import ConfigError
-from engine.parallel import exit_process
-from engine.reward_training import RewardStep, RewardTrainer, RewardValidation
+import engine.synthetic  # noqa: F401  (the synthetic benchmark: its presets and data source)
+from engine.distributed.process import exit_process
+from engine.errors import ConfigError
+from engine.steps.reward import RewardStep, RewardValidation
+from engine.train.cli import parse_run, print_dry_run
+from engine.train.estimate import dry_run
+from engine.train.specs import RewardSpec
+from engine.train.trainer import Trainer
 
 
 def main(argv=None) -> int:
     args, config, ds_config = parse_run(__doc__.strip().splitlines()[0], "configs/pavrm-synthetic.yaml", argv)
+    spec = RewardSpec(config)
     try:
         if args.dry_run:
-            print_dry_run(config, RewardTrainer.dry_run(config, ds_config))
+            print_dry_run(config, dry_run(config, ds_config, spec))
             return 0
-        trainer = RewardTrainer(config, ds_config, resume=args.resume)
-        validation = RewardValidation(config, trainer.validation_dataset(), trainer.run_dir)
+        trainer = Trainer(config, ds_config, spec, resume=args.resume)
+        validation = RewardValidation(config, spec.validation_dataset(trainer.transformer.config), trainer.run_dir)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

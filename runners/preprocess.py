@@ -3,7 +3,7 @@
     python runners/preprocess.py records=videos.jsonl out=data/latents encoders=/ckpt/Wan2.1-T2V-1.3B-Diffusers
     torchrun --nproc_per_node 8 runners/preprocess.py --config my_preprocess.yaml [key=value ...]
 
-Settings are the fields of engine.preprocess.PreprocessConfig (YAML recipe and/or key=value overrides). Rerunning
+Settings are the fields of engine.data.preprocess.PreprocessConfig (YAML recipe and/or key=value overrides). Rerunning
 the same command resumes: finished samples are kept, the rest is done. Bad videos are skipped and listed in
 <out>/<split>.summary.json with their reasons. Exit status: 0, 1 if a record failed (not the input's fault) or no
 sample is done, 2 for bad settings or records.
@@ -12,9 +12,10 @@ sample is done, 2 for bad settings or records.
 import argparse
 import sys
 
-from engine.config import ConfigError, load_config
-from engine.parallel import exit_process
-from engine.preprocess import PreprocessConfig, run
+from engine.config_io import load_config
+from engine.data.preprocess import PreprocessConfig, run
+from engine.distributed.process import exit_process
+from engine.errors import ConfigError
 
 
 def main(argv=None) -> int:

@@ -15,23 +15,25 @@ before training and after the last step give `<run>/summary.json`. Checkpoints e
 """
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
-import torch
-
-from engine.bootstrap import BootstrapError, ensure_assets
-from engine.cli import parse_run, print_dry_run
-from engine.config import ConfigError
-from engine.evaluation import HeldOutReport, SampleEvaluation, validation_prompts
-from engine.parallel import exit_process
-from engine.dit import DiT, DiTConfig
-from engine.prfl import PRFLStep, PRFLWithSFTStep, check_reward_model
-from engine.reward import RewardModel, RewardModelConfig
-from engine.sft import SFTStep
-from engine.trainer import Trainer, dry_run
-from engine.weights import read_config
+import engine.synthetic  # noqa: F401  (the synthetic benchmark: its presets and data source)
+from engine.distributed.process import exit_process
+from engine.errors import BootstrapError, ConfigError
+from engine.evaluation import SampleEvaluation, validation_prompts
+from engine.model.dit import DiTConfig
+from engine.model.reward import RewardModel
+from engine.model.weights import read_config
+from engine.steps.feedback import FeedbackWithSFTStep
+from engine.steps.prfl import PRFLStep, check_reward_model
+from engine.steps.sft import SFTStep
+from engine.synthetic.bootstrap import ensure_assets
+from engine.synthetic.report import HeldOutReport
+from engine.train.cli import parse_run, print_dry_run
+from engine.train.estimate import dry_run
+from engine.train.specs import RewardSpec, generator_config
+from engine.train.trainer import Trainer
 
 
 def generator_source(config) -> str:
@@ -48,20 +50,15 @@ def reward_on_meta(config) -> tuple[RewardModel | None, str]:
     """The PAVRM as the run will build it, on the meta device, for the dry run, and where it came from: reward.path's
     folder once it exists (its task checked against the generator's), else reward.model on the generator's first
     blocks (a PAVRM not trained yet)."""
-    generator = read_config(config.model.path) if config.model.path else DiTConfig.preset(config.model.preset)
     folder = Path(config.reward.path) if config.reward.path else None
     if folder is not None and folder.exists():
-        check_reward_task(config, generator)
-        reward_config = RewardModelConfig(**json.loads((folder / "reward_config.json").read_text()))
-        trunk, source = read_config(folder / "trunk"), str(folder)
-    elif config.prfl.mode == "prfl":
-        reward_config = config.reward.model
-        trunk = dataclasses.replace(generator, num_layers=reward_config.blocks)
-        source = f"reward.model ({folder} does not exist yet: estimated from the architecture it will have)"
-    else:
+        check_reward_task(config, generator_config(config))
+        return RewardSpec(config).meta_model(), str(folder)
+    if config.prfl.mode != "prfl":
         return None, "none"
-    with torch.device("meta"):
-        return RewardModel(reward_config, DiT(trunk)), source
+    untrained = dataclasses.replace(config, reward=dataclasses.replace(config.reward, path=None))
+    return RewardSpec(untrained).meta_model(), \
+        f"reward.model ({folder} does not exist yet: estimated from the architecture it will have)"
 
 
 def load_reward_model(trainer: Trainer) -> RewardModel:
@@ -87,7 +84,7 @@ def main(argv=None) -> int:
             for path in (config.model.path, config.reward.path) if config.bootstrap.enabled else ():
                 if not Path(path).exists():
                     raise ConfigError(f"{path} does not exist yet: a run trains it first (bootstrap.enabled), a dry "
-                                      "run does not; `python runners/synthetic.py bootstrap` writes it")
+                                      "run does not; `python -m runners.synthetic bootstrap` writes it")
             reward, source = reward_on_meta(config)
             print_dry_run(config, {**dry_run(config, ds_config, frozen=reward), "reward_model": source})
             return 0
@@ -98,7 +95,7 @@ def main(argv=None) -> int:
         # In rgb_refl mode a PAVRM, when given, only scores the evaluation videos.
         reward = load_reward_model(trainer) if config.reward.path is not None else None
         if config.prfl.mode == "rgb_refl":
-            from engine.refl_rgb import build_rgb_refl_step
+            from engine.steps.rgb_refl import build_rgb_refl_step  # transformers' reward models: only when used
 
             reward_step = build_rgb_refl_step(config, config.rgb_refl, trainer.device, trainer.dtype, null_context)
         else:
@@ -114,7 +111,7 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, BootstrapError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    step = PRFLWithSFTStep(reward_step, SFTStep(config.sft, null_context), config.prfl.sft_weight)
+    step = FeedbackWithSFTStep(reward_step, SFTStep(config.sft, null_context), config.prfl.sft_weight)
     if report is not None:
         report.measure(trainer, "before")
     trainer.fit(step, evaluate=evaluation)

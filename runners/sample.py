@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from engine.model.weights import load_dit
+
 INDEX = "index.jsonl"
 
 
@@ -82,8 +84,8 @@ def sampling_defaults(synthetic: bool) -> dict:
     """Wan models: the trainer's sampling chain (engine.config.SamplingConfig) and diffusers' WanPipeline size
     (81 frames at 832x480). --synthetic: the benchmark's latent shape and `runners/synthetic.py sample`'s chain."""
     from engine.config import SamplingConfig
-    from engine.generate import WAN_NEGATIVE_PROMPT, video_size
-    from engine.synthetic import SHAPE
+    from engine.model.sampling import WAN_NEGATIVE_PROMPT, video_size
+    from engine.synthetic.scene import SHAPE
 
     if synthetic:
         frames, height, width = video_size(SHAPE)
@@ -119,10 +121,10 @@ def text_encoder(args, device: torch.device, dtype: torch.dtype):
     """(prompt -> context [L, text_dim] fp32 on the CPU, its width): umT5, or the synthetic benchmark's toy encoder
     (the empty prompt is its null embedding, as in training)."""
     if args.synthetic:
-        from engine.synthetic import TEXT_DIM, encode_prompt, null_prompt_embedding
+        from engine.synthetic.scene import TEXT_DIM, encode_prompt, null_prompt_embedding
 
         return (lambda prompt: encode_prompt(prompt) if prompt else null_prompt_embedding()), TEXT_DIM
-    from engine.encoders import TextEncoder
+    from engine.model.encoders import TextEncoder
 
     # A diffusers pipeline folder keeps the tokenizer beside the text encoder, in tokenizer/.
     tokenizer = args.tokenizer or (args.text_encoder if (args.text_encoder / "tokenizer_config.json").is_file()
@@ -135,7 +137,7 @@ def text_encoder(args, device: torch.device, dtype: torch.dtype):
 def image_encoder(args, device: torch.device, dtype: torch.dtype):
     """CLIP ViT-H/14 for i2v: --image-encoder / --image-processor, or the image_encoder/ and image_processor/ folders
     beside --text-encoder (a diffusers Wan2.1 I2V pipeline folder)."""
-    from engine.encoders import ImageEncoder
+    from engine.model.encoders import ImageEncoder
 
     model = args.image_encoder or args.text_encoder.parent / "image_encoder"
     processor = args.image_processor or args.text_encoder.parent / "image_processor"
@@ -146,8 +148,8 @@ def image_encoder(args, device: torch.device, dtype: torch.dtype):
 def read_images(args, records, patch: tuple[int, int, int], stride: tuple[int, int, int]) -> dict:
     """{image path: (latent shape, frame [3, H, W])} of every prompt's image, read and sized as Wan sizes i2v
     (before any model loads, so that a bad image stops the run at once)."""
-    from engine.generate import i2v_size, latent_shape
-    from engine.video import read_image
+    from engine.data.video import read_image
+    from engine.model.sampling import i2v_size, latent_shape
 
     images = {}
     for _, _, image, where in records:
@@ -169,7 +171,7 @@ def read_images(args, records, patch: tuple[int, int, int], stride: tuple[int, i
 
 def i2v_conditions(args, images: dict, vae, device: torch.device, dtype: torch.dtype) -> dict:
     """{image path: (latent shape, {clip_fea, y})}: each image's conditions as preprocessing builds them."""
-    from engine.encoders import image_conditions
+    from engine.model.encoders import image_conditions
 
     encoder = image_encoder(args, device, dtype)
     return {image: (shape, image_conditions(frame[:, None].expand(-1, args.frames, -1, -1), encoder, vae))
@@ -180,12 +182,11 @@ def run(args) -> None:
     from safetensors.torch import save_file
 
     from engine.atomic import atomic_file, atomic_write_text
-    from engine.dit import DiT
-    from engine.encoders import VAE
-    from engine.generate import VAE_STRIDE, latent_shape, sample_videos
-    from engine.lora import apply_lora, read_lora
-    from engine.video import write_mp4
-    from engine.weights import read_config
+    from engine.data.video import write_mp4
+    from engine.model.encoders import VAE
+    from engine.model.lora import apply_lora, read_lora
+    from engine.model.sampling import VAE_STRIDE, latent_shape, sample_videos
+    from engine.model.weights import read_config
 
     for key, value in sampling_defaults(args.synthetic).items():
         if getattr(args, key) is None:
@@ -249,7 +250,7 @@ def run(args) -> None:
         torch.cuda.empty_cache()
 
     with blame(f"--model {args.model}"):
-        model = DiT.from_pretrained(args.model, dtype=dtype, device=device).eval()
+        model = load_dit(args.model, dtype=dtype, device=device).eval()
     if args.lora is not None:
         with blame(f"--lora {args.lora}"):
             apply_lora(model, read_lora(args.lora, model), args.lora_scale)

@@ -5,7 +5,7 @@
     python runners/score.py --reward PAVRM --folder samples/base --toy-text-encoder --out scores.csv
 
 A sample is a safetensors file with `latents` [16, F, H, W] and `context` [L, text_dim] (the project's on-disk
-format, see engine/data.py); a list gives prompts through its meta files, a folder through the files' metadata
+format, see engine/data/format.py); a list gives prompts through its meta files, a folder through the files' metadata
 (`prompt`). The synthetic benchmark's generated samples carry no text embedding: `--toy-text-encoder` encodes
 their prompts with its toy encoder. An i2v reward model also reads each sample's `clip_fea` and `y` (runners/sample.py
 and runners/preprocess.py store them for i2v). Timestep t is 1000 * sigma; t = 0 scores the clean latent. The noise of a
@@ -25,7 +25,7 @@ CONDITION = ("clip_fea", "y")  # an i2v sample's image features and first-frame 
 
 
 def samples_from_list(list_file: Path):
-    from engine.data import LatentListDataset
+    from engine.data.format import LatentListDataset
 
     dataset = LatentListDataset(list_file)
     for index, (meta, path) in enumerate(zip(dataset.metas, dataset.sample_paths)):
@@ -48,7 +48,7 @@ def samples_from_folder(folder: Path, toy_text_encoder: bool):
             if "context" in f.keys():
                 context = f.get_tensor("context")
             elif toy_text_encoder:
-                from engine.synthetic import encode_prompt
+                from engine.synthetic.scene import encode_prompt
 
                 context = encode_prompt(prompt)
             else:
@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     if any(not 0 <= t <= 1000 for t in args.timesteps):
         parser.exit(2, f"error: --timesteps {args.timesteps}: expected values in [0, 1000]\n")
 
-    from engine.flow import add_noise
-    from engine.reward import RewardModel
+    from engine.model.flow import add_noise
+    from engine.model.reward import RewardModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -6,11 +6,13 @@
 
 import sys
 
-from engine.cli import parse_run, print_dry_run
-from engine.config import ConfigError
-from engine.parallel import exit_process
-from engine.sft import SFTStep
-from engine.trainer import Trainer, dry_run
+import engine.synthetic  # noqa: F401  (the synthetic benchmark: its presets and data source)
+from engine.distributed.process import exit_process
+from engine.errors import ConfigError
+from engine.steps.sft import SFTStep
+from engine.train.cli import parse_run, print_dry_run
+from engine.train.estimate import dry_run
+from engine.train.trainer import Trainer
 
 
 def main(argv=None) -> int:

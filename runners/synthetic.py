@@ -20,10 +20,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from engine.model.weights import load_dit
+
 
 def write(args) -> None:
-    from engine.data import write_list, write_sample
-    from engine.synthetic import MOTIONS, PROMPTS, encode_prompt, labels, null_prompt_embedding, render
+    from engine.data.format import write_list, write_sample
+    from engine.synthetic.scene import MOTIONS, PROMPTS, encode_prompt, labels, null_prompt_embedding, render
 
     metas = []
     for motion in MOTIONS:
@@ -37,10 +39,10 @@ def write(args) -> None:
 
 
 def sample(args) -> None:
-    from engine.dit import DiT
-    from engine.synthetic import first_frame_inputs, generate, held_out_pairs
+    from engine.synthetic.dataset import generate, held_out_pairs
+    from engine.synthetic.scene import first_frame_inputs
 
-    model = DiT.from_pretrained(args.model).eval()
+    model = load_dit(args.model).eval()
     pairs = held_out_pairs(args.pairs, seed=args.seed)
     latents = generate(model, pairs, steps=args.steps, shift=args.shift, guidance_scale=args.guidance)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +54,8 @@ def sample(args) -> None:
 
 
 def judge_folder(args) -> None:
-    from engine.synthetic import condition_frame, judge, summarize
+    from engine.synthetic.judge import judge, summarize
+    from engine.synthetic.scene import condition_frame
 
     files = sorted(args.folder.glob("*.safetensors"))
     if not files:
@@ -72,8 +75,9 @@ def judge_folder(args) -> None:
 def bootstrap(args) -> None:
     import dataclasses
 
-    from engine.bootstrap import BootstrapError, bootstrap as train_missing
-    from engine.config import ConfigError, load_config
+    from engine.config_io import load_config
+    from engine.errors import BootstrapError, ConfigError
+    from engine.synthetic.bootstrap import bootstrap as train_missing
 
     try:
         recipe = load_config(args.recipe)

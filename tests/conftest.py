@@ -11,7 +11,8 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU (set before triton is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from engine.dit import DiT, DiTConfig
+import engine.synthetic  # noqa: E402, F401  (as the runners do: the synthetic benchmark's presets and data source)
+from engine.model.dit import DiT, DiTConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # DeepSpeed compiles its CPU ops (CPU Adam, shared-memory comm) on first use, behind a lock file in the extensions
@@ -50,8 +51,14 @@ def save_tiny_encoders(root: Path, words: list[str], text_dim: int = 32, clip_di
     (umT5, width `text_dim`), image_encoder/ (CLIP, width `clip_dim`) and image_processor/."""
     from diffusers import AutoencoderKLWan
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast,
-                              UMT5Config, UMT5EncoderModel)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        PreTrainedTokenizerFast,
+        UMT5Config,
+        UMT5EncoderModel,
+    )
 
     torch.manual_seed(0)
     AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
@@ -98,10 +105,12 @@ def build_deepspeed_ops() -> None:
 
 def launch(ranks: int, script: str, *args: str, check: bool = True, timeout: int = 600
            ) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N script args` from the repository root (CPU ranks on a machine without GPUs)."""
+    """`deepspeed --num_gpus N script args` from the repository root (CPU ranks on a machine without GPUs); a
+    `script` without `.py` is a module (`tests.distributed.x`), run as `python -m` runs it."""
     build_deepspeed_ops()
     port = free_port()
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
+    target = [script] if script.endswith(".py") else ["--module", script]
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), *target, *args]
     # Its own session, so that a timeout kills the launcher's rank processes too, not only the launcher.
     with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as process:

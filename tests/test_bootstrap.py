@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from conftest import ROOT, build_deepspeed_ops, launch
-from engine.bootstrap import BootstrapError, ensure_assets
-from engine.config import ConfigError, load_config
-from engine.dit import DiT, DiTConfig
-from engine.reward import RewardModel
+from engine.config_io import load_config
+from engine.errors import BootstrapError, ConfigError
+from engine.model.dit import DiTConfig
+from engine.model.reward import RewardModel
+from engine.model.weights import load_dit
+from engine.synthetic.bootstrap import ensure_assets
 
 # Tiny budgets for both bootstrap trainers (the recipes' own are minutes long).
 TINY = ["train.steps=2", "train.micro_batch_size=2", "train.warmup_steps=0", "train.eval_every=0",
@@ -38,7 +40,7 @@ def assets(tmp_path_factory) -> Path:
 
 
 def test_bootstrap_writes_a_loadable_generator_and_a_reward_model_with_its_trunk(assets):
-    base = DiT.from_pretrained(assets / "base")
+    base = load_dit(assets / "base")
     reward = RewardModel.from_pretrained(assets / "pavrm")
     assert base.config == DiTConfig.preset("synthetic") and reward.config.blocks == 2  # the recipes' preset, K = 2
     # the PAVRM's trunk starts from the base generator: its frozen embeddings are the generator's
@@ -56,8 +58,8 @@ def test_each_base_recipe_starts_from_the_one_before(assets):
     assert first.data.synthetic_motions == ["smooth"] and first.model.path is None
     assert second.data.synthetic_motions is None  # the even mix of the four kinds
     assert Path(second.model.path) == work / "base-0/checkpoints/step_000002/model"
-    torch.testing.assert_close(DiT.from_pretrained(assets / "base").state_dict(),
-                               DiT.from_pretrained(work / "base-1/checkpoints/step_000002/model").state_dict())
+    torch.testing.assert_close(load_dit(assets / "base").state_dict(),
+                               load_dit(work / "base-1/checkpoints/step_000002/model").state_dict())
 
 
 def test_main_command_bootstraps_trains_and_reports_before_and_after(tmp_path):
@@ -65,11 +67,11 @@ def test_main_command_bootstraps_trains_and_reports_before_and_after(tmp_path):
     assert ("base missing: training it with runners/sft.py --config configs/synthetic-base-smooth.yaml then "
             "configs/synthetic-base.yaml") in done.stdout
     assert "pavrm missing: training it with runners/pavrm.py --config configs/pavrm-synthetic.yaml" in done.stdout
-    DiT.from_pretrained(tmp_path / "assets/base")
+    load_dit(tmp_path / "assets/base")
     RewardModel.from_pretrained(tmp_path / "assets/pavrm")
-    trained = DiT.from_pretrained(tmp_path / "run/checkpoints/step_000002/model")
+    trained = load_dit(tmp_path / "run/checkpoints/step_000002/model")
     assert any(not torch.equal(p, q) for p, q in zip(trained.parameters(),
-                                                      DiT.from_pretrained(tmp_path / "assets/base").parameters()))
+                                                      load_dit(tmp_path / "assets/base").parameters()))
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert (summary["before"]["step"], summary["after"]["step"]) == (0, 2)
     for when in ("before", "after"):
@@ -128,7 +130,7 @@ def test_the_first_frame_recipe_bootstraps_i2v_models_trains_and_reports_adheren
                   f"output_dir={run}", "train.steps=2", "sampling.steps=2", "eval.held_out_pairs=4",
                   "eval.batch_size=4", f"bootstrap.overrides=[{', '.join(TINY)}]")
     assert "configs/synthetic-i2v-base-smooth.yaml then configs/synthetic-i2v-base.yaml" in done.stdout
-    assert DiT.from_pretrained(assets / "base").config == DiTConfig.preset("synthetic-i2v")
+    assert load_dit(assets / "base").config == DiTConfig.preset("synthetic-i2v")
     assert RewardModel.from_pretrained(assets / "pavrm").trunk.config.model_type == "i2v"
     pavrm_run = load_config(run / "bootstrap/pavrm/config.yaml")
     assert "wrong_start" in pavrm_run.data.synthetic_motions  # the PAVRM learns to check the start

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, RunConfig, load_config
+from engine.config import RunConfig
+from engine.config_io import load_config
+from engine.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

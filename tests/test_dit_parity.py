@@ -6,7 +6,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
 from conftest import dit_inputs, randomized_dit
-from engine.dit import DiT
+from engine.model.dit import DiT
 
 
 def diffusers_twin(model: DiT) -> WanTransformer3DModel:

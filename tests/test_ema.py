@@ -1,4 +1,4 @@
-"""EMA of the trained weights (engine/ema.py): the update rule, its sharded save / load / consolidation, and runs
+"""EMA of the trained weights (engine/train/ema.py): the update rule, its sharded save / load / consolidation, and runs
 through DeepSpeed's launcher on CPU ranks.
 
 End to end, one ZeRO-2 rank trains 3 steps with a global batch of 2 and two ZeRO-3 ranks train the same steps, killed
@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_engine import max_diff
 
 from conftest import launch
-from engine.config import ConfigError, load_config
-from engine.dit import DiT, DiTConfig
-from engine.ema import ShardedEMA, consolidate, model_ema
-from test_engine import max_diff
+from engine.config_io import load_config
+from engine.errors import ConfigError
+from engine.model.dit import DiT, DiTConfig
+from engine.model.weights import load_dit
+from engine.train.ema import ShardedEMA, consolidate, model_ema
 
 DECAY = 0.9
 RUN = ["train.steps=3", "train.save_every=1", "train.keep_last=3", "train.lr=1e-2", f"train.ema_decay={DECAY}"]
@@ -134,7 +136,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     launch(1, "runners/sft.py", "--ds_config", "ds_configs/z2.json", *RUN, f"output_dir={one}",
            "train.micro_batch_size=2")
     args = ["--ds_config", "ds_configs/z3_offload.json", *RUN, f"output_dir={two}", "train.micro_batch_size=1"]
-    killed = launch(2, "tests/distributed/sft_with_fault.py", "--kill-after-step", "2", *args, check=False)
+    killed = launch(2, "tests.distributed.sft_with_fault", "--kill-after-step", "2", *args, check=False)
     assert killed.returncode != 0
     assert sorted(p.name for p in (two / "checkpoints").glob("step_*")) == ["step_000001"]
     resumed = launch(2, "runners/sft.py", *args, "--resume", "auto")
@@ -152,7 +154,7 @@ def test_ema_export_is_the_average_of_the_raw_exports(runs, run):
         assert_states_close(ema, closed_form(weights), atol=1e-6)
     assert max_diff(ema, weights[-1]) > 1e-3  # the average lags the weights visibly
     assert (runs[run] / "checkpoints/step_000003/ema/rank_00001.pt").exists() == (run == "two")
-    DiT.from_pretrained(runs[run] / "checkpoints/step_000003/model_ema")  # a loadable model folder
+    load_dit(runs[run] / "checkpoints/step_000003/model_ema")  # a loadable model folder
 
 
 def test_two_zero3_ranks_resumed_match_one_rank(runs):

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, launch
-from engine.dit import DiT, DiTConfig
+from engine.model.dit import DiT, DiTConfig
+from engine.model.weights import load_dit
 
 SFT = "runners/sft.py"
 # 6 optimizer steps at a learning rate that moves the tiny model visibly; checkpoints every 2 steps.
@@ -82,19 +83,19 @@ def test_sequence_parallel_training_matches_one_rank(runs):
 
 
 def test_ulysses_output_and_gradients_match_single_rank():
-    done = launch(2, "tests/distributed/ulysses_parity.py")
+    done = launch(2, "tests.distributed.ulysses_parity")
     assert done.stdout.count("output max abs err") == 4  # two presets on two ranks
 
 
 def test_export_reproduces_the_engine_model(tmp_path):
-    done = launch(2, "tests/distributed/export_parity.py", "--run_dir", str(tmp_path / "run"))
+    done = launch(2, "tests.distributed.export_parity", "--run_dir", str(tmp_path / "run"))
     assert "export vs engine max abs err" in done.stdout
 
 
 def test_sigkill_between_checkpoints_then_resume_auto(runs):
     run = runs["base"] / "killed"
     args = [*COMMON, f"output_dir={run}", "train.micro_batch_size=2"]
-    killed = launch(1, "tests/distributed/sft_with_fault.py", "--kill-after-step", "3", *args, check=False)
+    killed = launch(1, "tests.distributed.sft_with_fault", "--kill-after-step", "3", *args, check=False)
     assert killed.returncode != 0
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000002"]
     resumed = launch(1, SFT, *args, "--resume", "auto")
@@ -106,7 +107,7 @@ def test_sigkill_between_checkpoints_then_resume_auto(runs):
 def test_sigkill_while_saving_loses_only_that_checkpoint(runs):
     run = runs["base"] / "killed_saving"
     args = [*COMMON, f"output_dir={run}", "train.micro_batch_size=2"]
-    killed = launch(1, "tests/distributed/sft_with_fault.py", "--kill-during-save", "4", *args, check=False)
+    killed = launch(1, "tests.distributed.sft_with_fault", "--kill-during-save", "4", *args, check=False)
     assert killed.returncode != 0
     partial = run / "checkpoints/step_000004"
     assert partial.is_dir() and not (partial / "COMPLETE").exists()
@@ -131,7 +132,7 @@ def test_convert_consolidates_and_verifies(runs, tmp_path):
                            str(tmp_path / "converted")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "verified by reloading" in done.stdout
-    converted = DiT.from_pretrained(tmp_path / "converted").state_dict()
+    converted = load_dit(tmp_path / "converted").state_dict()
     torch.testing.assert_close(converted, exported(runs["two"], 6), rtol=0, atol=0)
 
 

@@ -10,12 +10,17 @@ import pytest
 import torch
 
 from conftest import dit_inputs, randomized_dit
-from engine.config import ConfigError, load_config
-from engine.data import GlobalOrder, RandomLatents, SampleRandomness
-from engine.dit import DiTConfig
-from engine.offload import apply_activation_checkpointing
-from engine.parallel import Layout
-from engine.trainer import dry_run, lr_lambda, resolve_ds_config
+from engine.config_io import load_config
+from engine.data.datasets import RandomLatents
+from engine.data.order import GlobalOrder
+from engine.distributed.offload import apply_activation_checkpointing
+from engine.distributed.process import Layout
+from engine.errors import ConfigError
+from engine.model.dit import DiTConfig
+from engine.model.weights import save_dit
+from engine.train.ds_config import lr_lambda, resolve_ds_config
+from engine.train.estimate import dry_run
+from engine.train.randomness import SampleRandomness
 
 ROOT = Path(__file__).resolve().parents[1]
 Z3 = json.loads((ROOT / "ds_configs/z3_offload.json").read_text())
@@ -133,6 +138,6 @@ def test_sample_randomness_depends_only_on_the_sample_number():
 
 def test_dry_run_reads_a_checkpoint_config_without_loading_it(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
-    randomized_dit("tiny", num_layers=3).save_pretrained(tmp_path / "ckpt")
+    save_dit(randomized_dit("tiny", num_layers=3), tmp_path / "ckpt")
     report = dry_run(load_config(ROOT / "configs/tiny.yaml", [f"model.path={tmp_path / 'ckpt'}"]), Z3)
     assert report["parameters"] == sum(p.numel() for p in randomized_dit("tiny", num_layers=3).parameters())

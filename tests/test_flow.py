@@ -3,8 +3,17 @@
 import pytest
 import torch
 
-from engine.flow import (add_noise, guided_velocity, make_scheduler, predict_x0, sample, training_sigmas,
-                         shift_sigma, timestep_from_sigma, velocity_target)
+from engine.model.flow import (
+    add_noise,
+    guided_velocity,
+    make_scheduler,
+    predict_x0,
+    sample,
+    shift_sigma,
+    timestep_from_sigma,
+    training_sigmas,
+    velocity_target,
+)
 
 
 @pytest.fixture

@@ -11,15 +11,20 @@ import math
 import pytest
 import torch
 
-import kernels.rows
+import engine.kernels.rows
 from conftest import dit_inputs, randomized_dit
-from engine.dit import DiT, DiTConfig, rope_for_grid
-from engine.dit import apply_rope as dit_apply_rope
-from kernels.modulated_layer_norm import (ModulatedLayerNormFunction, ResidualModulatedLayerNormFunction,
-                                          modulated_layer_norm, modulated_layer_norm_reference,
-                                          residual_modulated_layer_norm, residual_modulated_layer_norm_reference)
-from kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
-from kernels.rope import RopeFunction, apply_rope, apply_rope_reference
+from engine.model.dit import DiT, DiTConfig, rope_for_grid
+from engine.model.dit import apply_rope as dit_apply_rope
+from engine.kernels.modulated_layer_norm import (
+    ModulatedLayerNormFunction,
+    ResidualModulatedLayerNormFunction,
+    modulated_layer_norm,
+    modulated_layer_norm_reference,
+    residual_modulated_layer_norm,
+    residual_modulated_layer_norm_reference,
+)
+from engine.kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
+from engine.kernels.rope import RopeFunction, apply_rope, apply_rope_reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # Odd shapes: a non-power-of-two odd hidden size, Wan 1.3B's and 14B's hidden sizes, and a power of two (a row that
@@ -37,7 +42,7 @@ def reduction_grid(request, monkeypatch):
     """The backward kernels' column reductions on their usual grid (on a CPU: about 4 x 132 programs, one row each
     here) and on a 1-SM grid (4 programs), where each program loops over several rows and the last is short."""
     if request.param == "several-rows-per-program":
-        monkeypatch.setattr(kernels.rows, "DEFAULT_MULTIPROCESSORS", 1)
+        monkeypatch.setattr(engine.kernels.rows, "DEFAULT_MULTIPROCESSORS", 1)
 
 
 def run(fn, inputs, grad_out):

@@ -16,13 +16,15 @@ from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.utils import logging as diffusers_logging
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
+from test_dit_parity import diffusers_forward, diffusers_twin
 
 from conftest import dit_inputs, launch, randomized_dit
-from engine.config import LORA_TARGETS, ConfigError, LoRAConfig, load_config
-from engine.dit import DiT
-from engine.lora import DIFFUSERS_FILE, ORIGINAL_FILE, add_lora, save_lora_export
-from engine.offload import apply_activation_checkpointing
-from test_dit_parity import diffusers_forward, diffusers_twin
+from engine.config_io import load_config
+from engine.distributed.offload import apply_activation_checkpointing
+from engine.errors import ConfigError
+from engine.model.dit import DiT
+from engine.model.lora import DIFFUSERS_FILE, LORA_TARGETS, ORIGINAL_FILE, LoRAConfig, add_lora, save_lora_export
+from engine.model.weights import load_dit, save_dit
 
 TOLERANCE = 1e-4  # our DiT vs diffusers' in fp32
 
@@ -74,7 +76,7 @@ def test_adapters_start_as_no_op_and_the_merged_model_reproduces_them(tmp_path):
     out = model(**inputs)
     assert (out - base(**inputs)).abs().max() > 0.1
     save_lora_export(model.state_dict(), base.config, config, tmp_path / "model", tmp_path / "lora")
-    merged = DiT.from_pretrained(tmp_path / "model")
+    merged = load_dit(tmp_path / "model")
     assert (merged(**inputs) - out).abs().max().item() <= 1e-5
 
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
@@ -137,7 +139,7 @@ def test_diffusers_loads_both_lora_files_and_matches_the_merged_model(preset, ta
     config = LoRAConfig(rank=4, alpha=2.0, **({"targets": targets} if targets else {}))
     save_lora_export(adapted(base, config).state_dict(), base.config, config, tmp_path / "model", tmp_path / "lora")
     inputs = dit_inputs(base.config)
-    merged_out = DiT.from_pretrained(tmp_path / "model")(**inputs)
+    merged_out = load_dit(tmp_path / "model")(**inputs)
     assert (merged_out - base(**inputs)).abs().max() > 100 * TOLERANCE  # the adapters matter
 
     original = load_file(tmp_path / "lora" / ORIGINAL_FILE)
@@ -160,12 +162,12 @@ def test_diffusers_loads_both_lora_files_and_matches_the_merged_model(preset, ta
 @torch.no_grad()
 def test_lora_run_exports_merged_model_and_loadable_lora_files(tmp_path, caplog):
     base = randomized_dit("tiny", seed=5)
-    base.save_pretrained(tmp_path / "base")
+    save_dit(base, tmp_path / "base")
     launch(1, "runners/sft.py", "--ds_config", "ds_configs/z3_offload.json", f"model.path={tmp_path / 'base'}",
            "lora.rank=4", "lora.alpha=8", "train.steps=2", "train.lr=1e-2", "train.micro_batch_size=2",
            f"output_dir={tmp_path / 'run'}")
     step = tmp_path / "run/checkpoints/step_000002"
-    merged = DiT.from_pretrained(step / "model")
+    merged = load_dit(step / "model")
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
     assert changed == {f"blocks.{i}.{t}.weight" for i in range(2) for t in LORA_TARGETS[:8]}
     assert json.loads((step / "lora/lora_config.json").read_text())["alpha"] == 8.0

@@ -14,14 +14,17 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, save_tiny_encoders
 from safetensors.torch import load_file
 
-from engine.config import ConfigError, load_config
-from engine.data import BucketedOrder, GlobalOrder, LatentListDataset, collate, sample_order
-from engine.dit import DiT, DiTConfig
-from engine.preprocess import PreprocessConfig, read_records, run
-from engine.video import VideoError, read_clip, write_mp4
+from conftest import free_port, save_tiny_encoders
+from engine.config_io import load_config
+from engine.data.datasets import collate
+from engine.data.format import LatentListDataset
+from engine.data.order import BucketedOrder, GlobalOrder, sample_order
+from engine.data.preprocess import PreprocessConfig, read_records, run
+from engine.data.video import read_clip, write_mp4
+from engine.errors import ConfigError, VideoError
+from engine.model.dit import DiT, DiTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_DIM, CLIP_DIM = 32, 48  # the tiny DiT presets' text_dim and clip_dim
@@ -157,7 +160,7 @@ def test_mp4_writer_round_trip(tmp_path):
 def test_vae_matches_diffusers_and_decodes(encoders, videos):
     from diffusers import AutoencoderKLWan
 
-    from engine.encoders import VAE
+    from engine.model.encoders import VAE
 
     clip = read_clip(videos / "good.mp4", fps=16, num_frames=9, size_for=lambda w, h: (48, 32))
     vae = VAE.from_pretrained(encoders / "vae")
@@ -180,7 +183,7 @@ def test_vae_loads_an_original_single_file_strictly(encoders, tmp_path):
     default one. Here a random full-size VAE, its outer layers under Wan's names (the rest pass through)."""
     from diffusers import AutoencoderKLWan
 
-    from engine.encoders import VAE
+    from engine.model.encoders import VAE
 
     torch.manual_seed(0)
     state = AutoencoderKLWan().state_dict()
@@ -203,7 +206,7 @@ def test_vae_loads_an_original_single_file_strictly(encoders, tmp_path):
 def test_text_encoder_keeps_the_real_tokens(encoders):
     from transformers import UMT5EncoderModel
 
-    from engine.encoders import TextEncoder
+    from engine.model.encoders import TextEncoder
 
     text = TextEncoder(encoders / "text_encoder", encoders / "tokenizer")
     short, long = text.encode(["a red   dog", "the blue cat jumps on the beach"])
@@ -248,7 +251,7 @@ def test_preprocess_t2v_skips_bad_videos_and_reports_them(encoders, videos, tmp_
     assert dataset.null_context.shape == (1, TEXT_DIM)  # the empty prompt: just </s>
 
     # The latents are the VAE's on the decoded clip.
-    from engine.encoders import VAE
+    from engine.model.encoders import VAE
 
     clip = read_clip(videos / "good.mp4", fps=16, num_frames=9, size_for=lambda w, h: (48, 32))
     torch.testing.assert_close(sample["latents"], VAE.from_pretrained(encoders / "vae").encode(clip.frames))
@@ -287,7 +290,7 @@ def test_preprocess_i2v_batch_runs_through_the_dit(encoders, videos, tmp_path):
     assert sample["clip_fea"].shape == (257, CLIP_DIM) and sample["y"].shape == (20, 3, 4, 6)
     assert (sample["y"][:4, 0] == 1).all() and (sample["y"][:4, 1:] == 0).all()
     # The condition is the VAE encoding of the first frame followed by black frames.
-    from engine.encoders import VAE
+    from engine.model.encoders import VAE
 
     vae = VAE.from_pretrained(encoders / "vae")
     clip = read_clip(videos / "good.mp4", fps=16, num_frames=9, size_for=lambda w, h: (48, 32))
@@ -302,7 +305,7 @@ def test_preprocess_i2v_batch_runs_through_the_dit(encoders, videos, tmp_path):
         hidden = CLIPVisionModel.from_pretrained(encoders / "image_encoder")(**pixels, output_hidden_states=True)
     torch.testing.assert_close(sample["clip_fea"], hidden.hidden_states[-2][0])
 
-    from engine.reward_training import pairs_from_metas
+    from engine.data.pairs import pairs_from_metas
 
     assert pairs_from_metas(dataset) == [(0, 1)]
     batch = collate([dataset[0], dataset[1]])

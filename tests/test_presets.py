@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.dit import DiT, DiTConfig, rope_axis_dims
+from engine.model.dit import DiT, DiTConfig, rope_axis_dims
 
 # Parameter counts of the released checkpoints (Wan2.1 T2V-1.3B, T2V-14B, I2V-14B).
 RELEASED = {"wan2.1-t2v-1.3b": 1_418_996_800, "wan2.1-t2v-14b": 14_288_491_584, "wan2.1-i2v-14b": 16_394_878_784}

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from conftest import randomized_dit
-from engine.config import load_config
-from engine.data import SampleRandomness
-from engine.prfl import PRFLStep, reward_loss, stage_of, step_index
-from engine.reward import RewardModel, RewardModelConfig
+from engine.config_io import load_config
+from engine.model.reward import RewardModel, RewardModelConfig
+from engine.steps.feedback import reward_loss, stage_of, step_index
+from engine.steps.prfl import PRFLStep
+from engine.train.randomness import SampleRandomness
 
 
 def test_stages_draw_the_step_index_from_their_part_of_the_chain():
@@ -82,17 +83,15 @@ class RolloutWith(torch.nn.Module):
         return (self.model if torch.is_grad_enabled() else self.rollout)(*args, **kwargs)
 
 
-@pytest.mark.parametrize("k", [0, 2, 3])
-def test_gradient_through_step_k_matches_finite_differences(k):
-    generator = randomized_dit("tiny", num_layers=1)
-    step = prfl_step(k)
-    loss, _ = step(generator, batch(), SampleRandomness(0, [0]))
-    loss.backward()
+def directional_derivatives(generator, step, batch: dict, eps: float) -> tuple[float, float]:
+    """The step's loss differentiated along one unit direction in weight space, from the gradients in
+    `generator.*.grad` and by central differences of step k's weights (the rollout keeps the unperturbed ones).
+    The direction is half the claimed gradient, half random: a wrong gradient misses it."""
+
     def unit(tensors: dict) -> dict:
         norm = sum(t.square().sum() for t in tensors.values()).sqrt()
         return {n: t / norm for n, t in tensors.items()}
 
-    # Half along the claimed gradient, half random: a unit step in weight space that a wrong gradient would miss.
     gradient = unit({n: p.grad for n, p in generator.named_parameters()})
     noise = unit({n: torch.randn_like(p) for n, p in generator.named_parameters()})
     direction = unit({n: gradient[n] + noise[n] for n in gradient})
@@ -103,10 +102,19 @@ def test_gradient_through_step_k_matches_finite_differences(k):
         with torch.no_grad():
             for n, p in perturbed.named_parameters():
                 p.add_(scale * direction[n])
-        return step(RolloutWith(generator, perturbed), batch(), SampleRandomness(0, [0]))[0].item()
+        return step(RolloutWith(generator, perturbed), batch, SampleRandomness(0, [0]))[0].item()
 
-    eps = 1e-3  # small: near sigma 0 the reward is far from linear; the fp32 DiT still resolves it to ~1e-4
-    numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    return analytic, (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+
+
+@pytest.mark.parametrize("k", [0, 2, 3])
+def test_gradient_through_step_k_matches_finite_differences(k):
+    generator = randomized_dit("tiny", num_layers=1)
+    step = prfl_step(k)
+    loss, _ = step(generator, batch(), SampleRandomness(0, [0]))
+    loss.backward()
+    # small: near sigma 0 the reward is far from linear; the fp32 DiT still resolves it to ~1e-4
+    analytic, numeric = directional_derivatives(generator, step, batch(), eps=1e-3)
     assert analytic == pytest.approx(numeric, rel=1e-2)
     assert abs(analytic) > 1e-3  # the check has something to compare
 
@@ -156,15 +164,15 @@ def test_the_step_index_draw_is_shared_by_all_ranks_of_a_micro_batch():
 
 
 def test_the_combined_step_is_the_reward_loss_plus_the_weighted_sft_loss():
-    from engine.prfl import PRFLWithSFTStep
-    from engine.sft import SFTStep
+    from engine.steps.feedback import FeedbackWithSFTStep
+    from engine.steps.sft import SFTStep
 
     generator = randomized_dit("tiny", num_layers=1)
     config = load_config(None, ["sampling.steps=4", "sft.text_dropout=0.5"])
     reward_step = PRFLStep(config.prfl, config.sampling, frozen_reward(), step_override=2)
     sft_step = SFTStep(config.sft, torch.zeros(1, 32))
     two = {k: torch.cat([v, v]) for k, v in batch().items()}
-    total, metrics = PRFLWithSFTStep(reward_step, sft_step, 0.3)(generator, two, SampleRandomness(0, [0, 1]))
+    total, metrics = FeedbackWithSFTStep(reward_step, sft_step, 0.3)(generator, two, SampleRandomness(0, [0, 1]))
 
     rng = SampleRandomness(0, [0, 1])  # the same draws, in the same order: rollout noise, then the SFT's
     reward_loss_alone, _ = reward_step(generator, two, rng)
@@ -175,7 +183,7 @@ def test_the_combined_step_is_the_reward_loss_plus_the_weighted_sft_loss():
 
 
 def test_a_model_sampled_in_inference_mode_still_trains():
-    from engine.flow import sample
+    from engine.model.flow import sample
 
     generator = randomized_dit("tiny", num_layers=1)
     x = batch()

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import launch
-from engine.dit import DiT, DiTConfig
-from engine.prfl import stage_of
-from engine.reward import RewardModel, RewardModelConfig
+from engine.model.dit import DiT, DiTConfig
+from engine.model.reward import RewardModel, RewardModelConfig
+from engine.model.weights import load_dit
+from engine.steps.feedback import stage_of
 
 PRFL = "runners/prfl.py"
 COMMON = ["--config", "configs/tiny.yaml", "--ds_config", "ds_configs/z3_offload.json", "train.steps=3",
@@ -60,7 +61,7 @@ def test_zero3_ranks_and_sequence_parallelism_match_one_rank(runs, layout):
 
 
 def test_the_export_is_the_trained_generator(runs):
-    model = DiT.from_pretrained(runs["one"] / "checkpoints/step_000003/model")
+    model = load_dit(runs["one"] / "checkpoints/step_000003/model")
     torch.manual_seed(0)
     initial = DiT(DiTConfig.preset("tiny"))
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters()))

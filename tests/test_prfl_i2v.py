@@ -2,22 +2,23 @@
 the image condition reaching every model evaluation (rollout, both guidance branches, step k, the SFT part and the
 reward model), ZeRO-3 and sequence parallelism against one rank, and a reward model of the other task refused."""
 
-import copy
 import subprocess
 import sys
 
 import pytest
 import torch
+from test_prfl import directional_derivatives
+from test_prfl_engine import metrics
 
 from conftest import ROOT, launch, randomized_dit
-from engine.config import ConfigError, load_config
-from engine.data import SampleRandomness
-from engine.dit import DiT, DiTConfig
-from engine.prfl import PRFLStep, PRFLWithSFTStep, check_reward_model
-from engine.reward import RewardModel, RewardModelConfig
-from engine.sft import SFTStep
-from test_prfl import RolloutWith
-from test_prfl_engine import metrics
+from engine.config_io import load_config
+from engine.errors import ConfigError
+from engine.model.dit import DiT, DiTConfig
+from engine.model.reward import RewardModel, RewardModelConfig
+from engine.steps.feedback import FeedbackWithSFTStep
+from engine.steps.prfl import PRFLStep, check_reward_model
+from engine.steps.sft import SFTStep
+from engine.train.randomness import SampleRandomness
 
 
 def i2v_batch(size: int = 1, seed: int = 3, dtype=torch.float32) -> dict:
@@ -47,26 +48,8 @@ def test_gradient_through_step_k_matches_finite_differences_in_float64(k):
     loss, _ = step(generator, batch, SampleRandomness(0, [0]))
     assert loss.dtype == torch.float64
     loss.backward()
-    def unit(tensors: dict) -> dict:
-        norm = sum(t.square().sum() for t in tensors.values()).sqrt()
-        return {n: t / norm for n, t in tensors.items()}
-
-    # Half along the claimed gradient, half random: a unit step in weight space that a wrong gradient would miss.
-    torch.manual_seed(5)
-    gradient = unit({n: p.grad for n, p in generator.named_parameters()})
-    noise = unit({n: torch.randn_like(p) for n, p in generator.named_parameters()})
-    direction = unit({n: gradient[n] + noise[n] for n in gradient})
-    analytic = sum((p.grad * direction[n]).sum() for n, p in generator.named_parameters()).item()
-
-    def loss_at(scale: float) -> float:
-        perturbed = copy.deepcopy(generator)
-        with torch.no_grad():
-            for n, p in perturbed.named_parameters():
-                p.add_(scale * direction[n])
-        return step(RolloutWith(generator, perturbed), batch, SampleRandomness(0, [0]))[0].item()
-
-    eps = 1e-5
-    numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    torch.manual_seed(5)  # the random half of the direction
+    analytic, numeric = directional_derivatives(generator, step, batch, eps=1e-5)
     assert analytic == pytest.approx(numeric, rel=1e-6)
     assert abs(analytic) > 1e-4  # the check has something to compare
 
@@ -90,7 +73,7 @@ def test_the_image_condition_reaches_every_evaluation_and_the_reward_model():
     config = load_config(None, ["sampling.steps=4", "sampling.solver=euler", "prfl.rollout_guidance=3"])
     reward_step = PRFLStep(config.prfl, config.sampling, reward, null_context=torch.zeros(1, 32), step_override=2)
     batch = i2v_batch(size=2)
-    PRFLWithSFTStep(reward_step, SFTStep(config.sft, torch.zeros(1, 32)), 0.5)(generator, batch,
+    FeedbackWithSFTStep(reward_step, SFTStep(config.sft, torch.zeros(1, 32)), 0.5)(generator, batch,
                                                                                 SampleRandomness(0, [0, 1]))
     # two rollout steps with guidance (each one call of the batch, conditional then unconditional), then step k:
     # conditional, unconditional and the SFT prediction batched in one evaluation

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from conftest import ROOT
-from engine.data import write_list, write_sample
+from engine.data.format import write_list, write_sample
 
 LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
 RECIPES = [(f"{kind}-wan2.1-i2v-14b-{res}.yaml", kind, res) for kind in ("pavrm-ce", "pavrm-bt", "prfl")

@@ -1,14 +1,25 @@
-"""The RGB ReFL baseline (engine/refl_rgb.py) on tiny diffusers / transformers models built here."""
+"""The RGB ReFL baseline (engine/steps/rgb_refl.py) on tiny diffusers / transformers models built here."""
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import randomized_dit
-from engine.config import ConfigError, RGBReFLConfig, load_config
-from engine.data import SampleRandomness
-from engine.refl_rgb import (TINY_CLIP, TINY_PIXELS, TINY_QWEN2_VL, TINY_VAE, ImageReward, VideoReward,
-                             build_rgb_refl_step, build_vae, decode)
+from engine.config import RGBReFLConfig
+from engine.config_io import load_config
+from engine.errors import ConfigError
+from engine.steps.rgb_refl import (
+    TINY_CLIP,
+    TINY_PIXELS,
+    TINY_QWEN2_VL,
+    TINY_VAE,
+    ImageReward,
+    VideoReward,
+    build_rgb_refl_step,
+    build_vae,
+    decode,
+)
+from engine.train.randomness import SampleRandomness
 
 
 def tiny_rgb_config(frames: str, **overrides) -> RGBReFLConfig:
@@ -19,7 +30,7 @@ def tiny_rgb_config(frames: str, **overrides) -> RGBReFLConfig:
 
 @pytest.mark.parametrize("frames", ["first", "all"])
 def test_gradients_reach_the_generator_through_the_decoder_and_the_frozen_reward_model(frames):
-    run = load_config(None, ["sampling.steps=4", "sampling.solver=euler"])
+    run = load_config(None, ["sampling.steps=4", "sampling.solver=euler", "prfl.stage=last_quarter"])
     torch.manual_seed(0)
     step = build_rgb_refl_step(run, tiny_rgb_config(frames), "cpu", torch.float32)
     generator = randomized_dit("tiny", num_layers=1)
@@ -30,8 +41,23 @@ def test_gradients_reach_the_generator_through_the_decoder_and_the_frozen_reward
     # The loss reads the generator only through decoder and reward model, so these gradients crossed both.
     for name in ("head.head.weight", "blocks.0.ffn.0.weight", "blocks.0.self_attn.q.weight"):
         assert generator.get_parameter(name).grad.abs().sum() > 0, name
-    for frozen in (step.reward_model, step.vae.model):
+    for frozen in (step.reward_model, step.scorer.vae.model):
         assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+
+
+def test_rgb_refl_draws_k_from_the_prfl_stage_as_prfl_does():
+    """One `prfl.stage` for both methods: the step index of a 6-step chain's early third is 0 or 1, whatever the
+    micro-batch's draw, and RGB ReFL's step is PRFL's reward-feedback step with another scorer."""
+    from engine.steps.feedback import FeedbackStep
+
+    run = load_config(None, ["sampling.steps=6", "sampling.solver=euler", "prfl.stage=early"])
+    step = build_rgb_refl_step(run, tiny_rgb_config("first"), "cpu", torch.float32)
+    assert isinstance(step, FeedbackStep) and step.name == "rgb_refl"
+    generator = randomized_dit("tiny", num_layers=1)
+    batch = {"latents": torch.zeros(1, 16, 2, 2, 4), "context": torch.randn(1, 5, 32)}
+    with torch.no_grad():
+        ks = {step.rollout(generator, batch, SampleRandomness(0, [0], micro_batch=m)).k for m in range(12)}
+    assert ks == {0, 1}
 
 
 def test_frame_checkpointed_decode_matches_diffusers_decode_and_its_gradient():

@@ -13,12 +13,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import dit_inputs, randomized_dit
-from engine.config import ConfigError, load_config
-from engine.data import SampleRandomness, collate, write_list, write_sample
-from engine.dit import DiT
-from engine.reward import RewardCheckpointError, RewardModel, RewardModelConfig
-from engine.reward_training import (INTERVALS, RewardStep, RewardValidation, labelled_dataset, reward_sigmas,
-                                    roc_auc, validation_dataset)
+from engine.config_io import load_config
+from engine.data.datasets import collate
+from engine.data.format import write_list, write_sample
+from engine.data.pairs import labelled_dataset, validation_dataset
+from engine.errors import ConfigError, RewardCheckpointError
+from engine.model.reward import RewardModel, RewardModelConfig
+from engine.model.weights import load_dit, save_dit
+from engine.steps.reward import INTERVALS, RewardStep, RewardValidation, reward_sigmas, roc_auc
+from engine.train.randomness import SampleRandomness
 
 HEAD = dict(num_heads=2, mlp_dims=(24, 12))
 
@@ -69,7 +72,7 @@ def test_gradient_reaches_the_input_latents_and_the_blocks_but_not_the_frozen_em
 
 def test_trunk_is_the_generators_first_k_blocks_and_blocks_after_k_are_not_built(tmp_path):
     generator = randomized_dit("tiny", seed=3, num_layers=4)
-    generator.save_pretrained(tmp_path / "generator")
+    save_dit(generator, tmp_path / "generator")
     model = RewardModel.from_generator(tmp_path / "generator", RewardModelConfig(blocks=2, **HEAD))
     assert len(model.trunk.blocks) == 2
     trunk_state = model.trunk.state_dict()
@@ -97,7 +100,7 @@ def test_save_and_load_round_trip_exactly(tmp_path):
     loaded = RewardModel.from_pretrained(tmp_path / "pavrm")
     assert loaded.config == model.config
     assert torch.equal(loaded(**x), model(**x))
-    trunk = DiT.from_pretrained(tmp_path / "pavrm" / "trunk")  # the trunk is an ordinary 2-block DiT checkpoint
+    trunk = load_dit(tmp_path / "pavrm" / "trunk")  # the trunk is an ordinary 2-block DiT checkpoint
     assert len(trunk.blocks) == 2
 
 
@@ -174,7 +177,7 @@ def synthetic_batch(loss: str, size: int = 4) -> dict:
     return collate([dataset[i] for i in range(size)])
 
 
-def test_synthetic_pairs_set_each_bad_kind_against_the_smooth_video_of_its_prompt_and_round():
+def test_preference_pairs_set_each_bad_kind_against_the_smooth_video_of_its_prompt_and_round():
     kinds = ["smooth", "jitter", "static", "vanish", "wrong_way"]
     config = load_config(None, ["data.source=synthetic", "reward.loss=bt", "data.num_samples=480",
                                 f"data.synthetic_motions=[{','.join(kinds)}]"])
@@ -311,7 +314,7 @@ def test_score_runner_writes_the_models_logits_per_sample_and_timestep(tmp_path)
     import sys
 
     from conftest import ROOT
-    from engine.flow import add_noise
+    from engine.model.flow import add_noise
 
     model = reward_model()
     model.save_pretrained(tmp_path / "pavrm")

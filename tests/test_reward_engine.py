@@ -2,15 +2,17 @@
 validation output and the exported reward model."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch
-from engine.reward import RewardModel
-from engine.reward_training import INTERVALS, interval_name
+from conftest import ROOT, launch
+from engine.model.reward import RewardModel
+from engine.steps.reward import INTERVALS, interval_name
 
 PAVRM = "runners/pavrm.py"
 # A few ZeRO-3 steps on the synthetic benchmark, global batch 4, validated on 8 held-out samples at the end. The
@@ -61,14 +63,25 @@ def test_validation_reports_every_interval_and_their_mean(runs):
 def test_the_export_is_a_loadable_reward_model_and_only_the_trained_parts_moved(runs):
     model = RewardModel.from_pretrained(runs["one"] / "checkpoints/step_000003/model")
     torch.manual_seed(0)  # the runner's initial weights: seed 0, the recipe's synthetic preset, 2 blocks
-    from engine.dit import DiT, DiTConfig
-    from engine.reward import RewardModelConfig
+    from engine.model.dit import DiT, DiTConfig
+    from engine.model.reward import RewardModelConfig
 
     initial = RewardModel(RewardModelConfig(blocks=2, mlp_dims=(32, 16)),
                           DiT(DiTConfig.preset("synthetic", num_layers=2)))
     for name, value in initial.state_dict().items():
         moved = not torch.equal(model.state_dict()[name], value)
         assert moved == name.startswith(("trunk.blocks.", "pool.", "mlp.")), name
+
+
+def test_convert_writes_a_reward_checkpoint_as_the_trainer_exports_it(runs, tmp_path):
+    """runners/convert.py and the trainer share one export: a PAVRM run's checkpoint converts to its model folder."""
+    done = subprocess.run([sys.executable, "-m", "runners.convert", str(runs["one"] / "checkpoints/step_000003"),
+                           str(tmp_path / "converted")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "a reward model" in done.stdout and "verified by reloading" in done.stdout
+    converted = RewardModel.from_pretrained(tmp_path / "converted").state_dict()
+    exported = RewardModel.from_pretrained(runs["one"] / "checkpoints/step_000003/model").state_dict()
+    torch.testing.assert_close(converted, exported, rtol=0, atol=0)
 
 
 def test_bt_training_runs_on_preference_pairs(runs):
@@ -80,7 +93,7 @@ def test_bt_training_runs_on_preference_pairs(runs):
 
 
 def test_sequence_parallel_reward_matches_one_rank():
-    done = launch(2, "tests/distributed/reward_sp_parity.py")
+    done = launch(2, "tests.distributed.reward_sp_parity")
     assert done.stdout.count("logits max abs err") == 4  # two head configurations on two ranks
 
 

@@ -13,17 +13,15 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import randomized_dit, save_tiny_encoders
 from safetensors import safe_open
 
-from engine.config import LoRAConfig
-from engine.dit import DiT
-from engine.encoders import VAE, TextEncoder
-from engine.flow import sample
-from engine.generate import WAN_NEGATIVE_PROMPT
-from engine.lora import ORIGINAL_FILE, add_lora, merged_state, save_lora_export
-from engine.synthetic import PROMPTS, SHAPE, encode_prompt
-from engine.weights import save_dit_state
+from conftest import randomized_dit, save_tiny_encoders
+from engine.model.encoders import VAE, TextEncoder
+from engine.model.flow import sample
+from engine.model.lora import ORIGINAL_FILE, LoRAConfig, add_lora, merged_state, save_lora_export
+from engine.model.sampling import WAN_NEGATIVE_PROMPT
+from engine.model.weights import load_dit, save_dit, save_dit_state
+from engine.synthetic.scene import PROMPTS, SHAPE, encode_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "a the red blue dog cat runs jumps on in beach forest city ball car".split()
@@ -47,7 +45,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("assets")
-    randomized_dit("tiny").save_pretrained(root / "model")
+    save_dit(randomized_dit("tiny"), root / "model")
     save_tiny_encoders(root / "encoders", WORDS)
     return root
 
@@ -79,7 +77,7 @@ def test_latents_are_the_samplers_for_each_seeds_noise(assets, tmp_path):
     assert record["negative_prompt"] == WAN_NEGATIVE_PROMPT and record["latent_shape"] == [2, 4, 6]
 
     # Direct use of the sampler: the seed's noise on a CPU generator, umT5 embeddings, Wan's negative prompt.
-    model = DiT.from_pretrained(assets / "model").eval()  # loaded as the runner loads it: the same numerics
+    model = load_dit(assets / "model").eval()  # loaded as the runner loads it: the same numerics
     text = TextEncoder(assets / "encoders/text_encoder", assets / "encoders/tokenizer")
     negative = text.encode([WAN_NEGATIVE_PROMPT])[0][None]
     for (record, latents, _), (_, batched, _) in zip(outputs, read_outputs(tmp_path / "three")):
@@ -157,6 +155,16 @@ def test_synthetic_samples_are_judged(assets, tmp_path):
     assert json.loads(done.stdout)["samples"] == 4
 
 
+def assert_one_line_error(argv: list[str], message: str, capsys) -> None:
+    """The runner exits with status 2 and one line, `error: ...`, that matches `message`."""
+    with pytest.raises(SystemExit) as exit_:
+        runner.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert re.search(message, err), err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "{tmp}/missing"], r"--model \S*missing: no such file or folder"),
     (["--prompt", "a purple ball moving left in the forest"],
@@ -180,12 +188,7 @@ def test_bad_input_is_named(assets, tmp_path, capsys, args, message):
     if not {"--prompts", "--prompt"} & set(args):
         defaults["--prompt"] = PROMPTS[0]
     argv = [*SYNTHETIC, *args, *(x for k, v in defaults.items() if k not in args for x in (k, v))]
-    with pytest.raises(SystemExit) as exit_:
-        runner.main(argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    assert re.search(message, err), err
+    assert_one_line_error(argv, message, capsys)
 
 
 def test_command_line_exit_status_and_help(assets, tmp_path):
@@ -212,7 +215,7 @@ def write_image(path: Path, width: int, height: int, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def i2v_assets(assets) -> Path:
-    randomized_dit("tiny-i2v").save_pretrained(assets / "i2v-model")
+    save_dit(randomized_dit("tiny-i2v"), assets / "i2v-model")
     write_image(assets / "landscape.png", 90, 60, seed=0)
     write_image(assets / "portrait.png", 60, 90, seed=1)
     write_image(assets / "other.png", 90, 60, seed=2)
@@ -234,7 +237,7 @@ def diffusers_conditions(assets: Path, image: Path, width: int, height: int) -> 
     from PIL import Image
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
-    from engine.video import read_image
+    from engine.data.video import read_image
 
     frame = read_image(image, lambda w, h: (width, height))  # the runner's reading of the image, [-1, 1]
     vae = AutoencoderKLWan.from_pretrained(assets / "encoders/vae").eval()
@@ -292,16 +295,11 @@ def test_bad_i2v_input_is_named(i2v_assets, tmp_path, capsys, record, extra, mes
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({k: v.format(tmp=tmp_path, assets=i2v_assets) for k, v in record.items()}) + "\n")
     argv = i2v_args(i2v_assets, prompts, tmp_path / "out") + [a.format(assets=i2v_assets) for a in extra]
-    with pytest.raises(SystemExit) as exit_:
-        runner.main(argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    assert re.search(message, err), err
+    assert_one_line_error(argv, message, capsys)
 
 
 def test_i2v_samples_score_with_an_i2v_reward_model(i2v_assets, tmp_path):
-    from engine.reward import RewardModel, RewardModelConfig
+    from engine.model.reward import RewardModel, RewardModelConfig
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "the cat", "seed": 2, "image": str(i2v_assets / "portrait.png")}) + "\n")

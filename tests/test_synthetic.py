@@ -10,13 +10,33 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.data import LatentListDataset
-from engine.dit import DiT
-from engine.synthetic import (JUMP, KINDS, LATENT_SCALE, MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, MOTIONS,
-                              PROMPTS, SHAPE, SPEED, VARIED_LOOK, VOCABULARY, Look, SyntheticMotion, colour_signature,
-                              condition_frame, encode_prompt, first_frame_inputs, generate, held_out_pairs, judge,
-                              labels, parse_prompt, render, scene_background, summarize, trajectory, varied_look,
-                              wilson_interval)
+from engine.data.format import LatentListDataset
+from engine.evaluation import wilson_interval
+from engine.model.weights import load_dit
+from engine.synthetic.dataset import SyntheticMotion, generate, held_out_pairs
+from engine.synthetic.judge import MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, judge, summarize
+from engine.synthetic.scene import (
+    JUMP,
+    KINDS,
+    LATENT_SCALE,
+    MOTIONS,
+    PROMPTS,
+    SHAPE,
+    SPEED,
+    VARIED_LOOK,
+    VOCABULARY,
+    Look,
+    colour_signature,
+    condition_frame,
+    encode_prompt,
+    first_frame_inputs,
+    labels,
+    parse_prompt,
+    render,
+    scene_background,
+    trajectory,
+    varied_look,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,8 +253,9 @@ def test_judge_cli_reports_pass_rate_and_diversity(tmp_path):
 def test_the_committed_base_generator_finds_its_object_and_passes_20_to_75_percent():
     # tests/assets/synthetic-base is OUT/base of `python runners/synthetic.py bootstrap --out OUT` (3.5 min on 2
     # cores, deterministic): regenerate it whenever the benchmark or its base recipes change.
-    model = DiT.from_pretrained(ROOT / "tests/assets/synthetic-base").eval()
+    model = load_dit(ROOT / "tests/assets/synthetic-base").eval()
     pairs = held_out_pairs(64)
     latents = generate(model, pairs)  # runners/synthetic.py sample's chain: 20 UniPC steps, shift 3
     report = summarize([judge(x, prompt) for x, (prompt, _) in zip(latents, pairs)], [p for p, _ in pairs])
     assert report["detected_rate"] >= 0.9 and 0.2 <= report["pass_rate"] <= 0.75, report
+

@@ -1,5 +1,5 @@
 """Launched by tests/test_engine.py on 2 ranks: train a few ZeRO-3 steps, then check that the exported safetensors,
-loaded with DiT.from_pretrained, reproduce the engine model's output (ZeRO-3 forward, parameters partitioned), and
+loaded with load_dit, reproduce the engine model's output (ZeRO-3 forward, parameters partitioned), and
 that a forward inside `Trainer.full_parameters()` (parameters gathered for evaluation) does too."""
 
 import json
@@ -9,14 +9,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conftest import dit_inputs  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from engine.dit import DiT  # noqa: E402
-from engine.parallel import exit_process  # noqa: E402
-from engine.sft import SFTStep  # noqa: E402
-from engine.trainer import Trainer  # noqa: E402
+from engine.config_io import load_config
+from engine.distributed.process import exit_process
+from engine.model.weights import load_dit
+from engine.steps.sft import SFTStep
+from engine.train.trainer import Trainer
+from tests.conftest import dit_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +45,7 @@ def main() -> int:
         print(f"gathered-parameter forward differs from the engine by {gathered_err:.2e}", flush=True)
         return 1
     if dist.get_rank() == 0:
-        exported = DiT.from_pretrained(Path(run_dir) / "checkpoints/step_000002/model")
+        exported = load_dit(Path(run_dir) / "checkpoints/step_000002/model")
         with torch.no_grad():
             err = (exported(**inputs) - engine_out).abs().max().item()
         print(f"export vs engine max abs err {err:.2e} (output max {engine_out.abs().max().item():.2e})", flush=True)

@@ -6,16 +6,14 @@ The latent grid (3 x 3 x 5 = 45 tokens) does not divide by 2, so padding tokens 
 
 import copy
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conftest import dit_inputs, randomized_dit  # noqa: E402
-from engine.parallel import apply_ulysses, init_distributed  # noqa: E402
-from engine.reward import RewardModel, RewardModelConfig  # noqa: E402
+from engine.distributed.parallel import apply_ulysses
+from engine.distributed.process import init_distributed
+from engine.model.reward import RewardModel, RewardModelConfig
+from tests.conftest import dit_inputs, randomized_dit
 
 
 def logits_and_grads(model, inputs):

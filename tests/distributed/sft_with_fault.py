@@ -12,8 +12,8 @@ import os
 import signal
 from pathlib import Path
 
-import engine.trainer as trainer_module
-from engine.parallel import exit_process
+import engine.train.trainer as trainer_module
+from engine.distributed.process import exit_process
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,15 +5,13 @@ The latent grid (3 x 3 x 5 = 45 tokens) does not divide by 2, so the padding pat
 
 import copy
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conftest import dit_inputs, randomized_dit  # noqa: E402
-from engine.parallel import apply_ulysses, init_distributed  # noqa: E402
+from engine.distributed.parallel import apply_ulysses
+from engine.distributed.process import init_distributed
+from tests.conftest import dit_inputs, randomized_dit
 
 
 def output_and_grads(model, inputs):
