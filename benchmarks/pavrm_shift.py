@@ -11,7 +11,8 @@ The PAVRM scores clean latents (sigma 0) of the held-out (prompt, seed) pairs:
 - each named generator's samples on the same pairs (the PRFL recipe's chain: 10 UniPC steps), judged: pass rate,
   median distance travelled, the PAVRM's median logit on passed and failed samples, the ROC-AUC of the logit
   against the judge's verdict (0.5: no better than chance), and the share of samples that score above the median
-  rendered smooth video at the data's top speed.
+  rendered smooth video at the data's top speed; and that ROC-AUC again with the samples noised to one sigma in each
+  of the validation's five intervals, as PRFL's reward sees x_{k+1} (the PAVRM measured where it is used).
 
 A PAVRM that ranks speeds correctly on rendered videos but scores a generator's failed samples above the real thing
 is being hacked: PRFL against it optimises something other than what the judge passes.
@@ -29,10 +30,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.cpu_report import cell, machine, smoke_models, write_report
-from engine.model.flow import timestep_from_sigma
+from engine.model.flow import add_noise, timestep_from_sigma
 from engine.model.reward import RewardModel
 from engine.model.weights import load_dit
-from engine.steps.reward import roc_auc
+from engine.steps.reward import INTERVALS, interval_name, roc_auc
 from engine.synthetic.dataset import generate, held_out_pairs
 from engine.synthetic.judge import MIN_DISPLACEMENT, judge, summarize
 from engine.synthetic.scene import SHAPE, SPEED, encode_prompt, render
@@ -41,14 +42,30 @@ SPEEDS = (0.0, 0.15, 0.3, 0.45, 0.6, SPEED[1])
 
 
 @torch.no_grad()
-def logits(reward_model: RewardModel, latents: torch.Tensor, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """The PAVRM's logit [N] for clean latents [N, 16, F, H, W]."""
+def logits(reward_model: RewardModel, latents: torch.Tensor, prompts: list[str], sigma: torch.Tensor | None = None,
+           batch_size: int = 64) -> torch.Tensor:
+    """The PAVRM's logit [N] for latents [N, 16, F, H, W], clean or noised to `sigma` [N] (seeded noise)."""
+    sigma = torch.zeros(len(latents)) if sigma is None else sigma
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
     scores = []
     for start in range(0, len(latents), batch_size):
-        chunk = latents[start:start + batch_size]
-        context = torch.stack([encode_prompt(p) for p in prompts[start:start + batch_size]])
-        scores.append(reward_model(chunk, timestep_from_sigma(torch.zeros(len(chunk))), context).float())
+        end = start + batch_size
+        context = torch.stack([encode_prompt(p) for p in prompts[start:end]])
+        x = add_noise(latents[start:end], noise[start:end], sigma[start:end])
+        scores.append(reward_model(x, timestep_from_sigma(sigma[start:end]), context).float())
     return torch.cat(scores)
+
+
+def auc_by_sigma(reward_model: RewardModel, videos: torch.Tensor, prompts: list[str], passed: torch.Tensor) -> dict:
+    """ROC-AUC of the logit against the judge's verdict with each video noised to one sigma drawn in each of the
+    validation's five intervals (fixed seed), as PRFL's reward sees x_{k+1}; None without both verdicts."""
+    if not 0 < passed.sum() < len(passed):
+        return {interval_name(i): None for i in INTERVALS}
+    g = torch.Generator().manual_seed(1)
+    return {interval_name((lo, hi)): roc_auc(logits(reward_model, videos, prompts,
+                                                    hi - (hi - lo) * torch.rand(len(videos), generator=g)),
+                                             passed.float())
+            for lo, hi in INTERVALS}
 
 
 def median(values: torch.Tensor) -> float | None:
@@ -80,6 +97,7 @@ def generator_row(name: str, path: Path, reward_model: RewardModel, pairs: list[
             "median_logit_passed": median(scores[passed]),
             "median_logit_failed": median(scores[~passed]),
             "auc": roc_auc(scores, passed.float()) if 0 < passed.sum() < len(passed) else None,
+            "auc_by_sigma": auc_by_sigma(reward_model, videos, prompts, passed),
             "above_rendered_smooth": (scores > smooth_median).float().mean().item()}
 
 
@@ -100,6 +118,12 @@ def markdown(report: dict) -> str:
     lines += [f"| {g['name']} | {g['pass_rate']:.2f} | {cell(g['median_distance_px'])} | "
               f"{cell(g['median_logit_passed'])} | {cell(g['median_logit_failed'])} | {cell(g['auc'])} | "
               f"{g['above_rendered_smooth']:.2f} |" for g in report["generators"]]
+    names = list(report["generators"][0]["auc_by_sigma"]) if report["generators"] else []
+    lines += ["", "ROC-AUC of the logit against the judge's verdict within each generator's samples, noised to a sigma "
+              "in each interval (one draw per sample and interval):", "",
+              "| generator | " + " | ".join(f"sigma {n}" for n in names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {g['name']} | " + " | ".join(cell(g["auc_by_sigma"][n]) for n in names) + " |"
+              for g in report["generators"]]
     lines += ["", "Command (from the repository root):", "", f"    python {report['command']}"]
     return "\n".join(lines) + "\n"
 
@@ -121,6 +145,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="sampling steps (the PRFL recipe's chain)")
     parser.add_argument("--smoke", action="store_true", help="4 pairs, 2 steps: checks the script only")
     parser.add_argument("--out", type=Path, help="report folder (default: benchmarks/results; smoke: a temporary one)")
+    parser.add_argument("--name", default="pavrm_shift", help="report name: <out>/<name>-cpu.json and .md")
     args = parser.parse_args()
     if args.smoke and args.generator is None and args.reward is None:
         base, args.reward = smoke_models(Path(tempfile.mkdtemp(prefix="pavrm_shift-")))
@@ -143,7 +168,7 @@ def main() -> int:
               "generators": [generator_row(name, path, reward_model, pairs, steps, smooth_median)
                              for name, path in args.generator],
               "command": " ".join(["-m benchmarks.pavrm_shift", *sys.argv[1:]])}
-    write_report("pavrm_shift", report, markdown(report), args.out, args.smoke)
+    write_report(args.name, report, markdown(report), args.out, args.smoke)
     return 0
 
 

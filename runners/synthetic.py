@@ -4,6 +4,7 @@ its base generator and PAVRM.
     python runners/synthetic.py write --out data/synthetic --per-kind 48
     python runners/synthetic.py sample --model runs/synthetic-base/checkpoints/step_N/model --out samples/base
     python runners/synthetic.py judge samples/base
+    python runners/synthetic.py label --model assets/synthetic/base --out data/synthetic-generated  # PAVRM data
     python runners/synthetic.py bootstrap --out assets/synthetic [train.steps=20 ...]   # base/ and pavrm/
     python runners/synthetic.py bootstrap --recipe configs/prfl-synthetic-i2v.yaml      # the first-frame variant's
 
@@ -72,6 +73,15 @@ def judge_folder(args) -> None:
     print(json.dumps(summarize(verdicts, prompts), indent=2))
 
 
+def label(args) -> None:
+    from engine.synthetic.labelled import write_generated
+
+    counts = write_generated(load_dit(args.model), args.out, count=args.count, val_count=args.val_count,
+                             rendered_per_kind=args.rendered_per_kind, steps=args.steps, shift=args.shift)
+    print(json.dumps(counts, indent=2))
+    print(f"wrote {args.out}/{{train,val}}.list (CE) and {{train,val}}_pairs.list (BT)")
+
+
 def bootstrap(args) -> None:
     import dataclasses
 
@@ -110,6 +120,16 @@ def main(argv=None) -> int:
     p = commands.add_parser("judge", help="judge a folder of latents; prints pass rate and diversity")
     p.add_argument("folder", type=Path)
     p.set_defaults(run=judge_folder)
+    p = commands.add_parser("label", help="a PAVRM dataset of a generator's own samples, labelled by the judge "
+                            "(engine/synthetic/labelled.py)")
+    p.add_argument("--model", required=True, help="DiT checkpoint folder (the generator PRFL will train)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--count", type=int, default=1920, help="training samples of the generator")
+    p.add_argument("--val-count", type=int, default=256, help="held-out samples of the generator (validation)")
+    p.add_argument("--rendered-per-kind", type=int, default=0, help="rendered videos per motion kind mixed in")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps (the PRFL recipe's chain)")
+    p.add_argument("--shift", type=float, default=3.0)
+    p.set_defaults(run=label)
     p = commands.add_parser("bootstrap", help="train a PRFL recipe's base generator and its PAVRM (its bootstrap "
                             "section: for the default, configs/synthetic-base-smooth.yaml then configs/synthetic-base."
                             "yaml, and configs/pavrm-synthetic.yaml with bootstrap.reward_overrides: varied looks) into "

@@ -12,9 +12,11 @@ from safetensors.torch import save_file
 
 from engine.data.format import LatentListDataset
 from engine.evaluation import wilson_interval
+from engine.model.dit import DiT, DiTConfig
 from engine.model.weights import load_dit
 from engine.synthetic.dataset import SyntheticMotion, generate, held_out_pairs
-from engine.synthetic.judge import MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, judge, summarize
+from engine.synthetic.judge import MAX_ACCELERATION, MAX_JUMP, MIN_DISPLACEMENT, OBJECT_RANGES, TESTS, judge, summarize
+from engine.synthetic.labelled import split_pairs, write_generated
 from engine.synthetic.scene import (
     JUMP,
     KINDS,
@@ -113,6 +115,45 @@ def test_jitter_jumps_once_by_the_full_distance_and_stays_in_the_frame():
         assert (jump > JUMP[0] - 1e-4).sum() == 1 and (changes > 1e-4).sum() <= 2, (seed, path)
         # the object's centre stays on the grid (the jump picks a direction that keeps it 0.5 px in where it can)
         assert path.min() >= 0 and path[:, 0].max() <= height - 1 and path[:, 1].max() <= width - 1, seed
+
+
+@pytest.mark.parametrize("look, test", [
+    (Look(amplitude=1.2 * 3.0, blob_sigma=2.0 * 1.4), "size"),  # the hack PRFL without SFT found: twice as wide
+    (Look(blob_sigma=1.5 * 1.4), "size"),
+    (Look(amplitude=1.3 * 3.0), "peak"),
+    (Look(amplitude=0.5 * 3.0), "peak"),
+])
+def test_judge_fails_objects_unlike_the_rendered_ones_and_names_the_test(look, test):
+    verdicts = [judge(render(PROMPTS[s % len(PROMPTS)], "smooth", s, look=look), PROMPTS[s % len(PROMPTS)])
+                for s in range(200)]
+    assert sum(v.passed for v in verdicts) <= 2 and sum(test in v.failed for v in verdicts) >= 198
+    # the path is the rendered smooth one: the path tests hold wherever the object is tracked
+    assert all(not {"direction", "jump", "acceleration"} & set(v.failed) for v in verdicts)
+
+
+def test_judge_fails_an_off_colour_object_and_passes_every_rendered_object_test():
+    prompt = "a red ball moving up in the forest"
+    video = render(prompt, "smooth", 5)
+    good = judge(video, prompt)
+    assert good.passed and good.failed == []
+    low, high = OBJECT_RANGES["size"]
+    assert low <= good.min_size <= good.max_size <= high and good.min_purity > 0.999
+    tinted = video.clone()  # green mixed into the red object, as bright as its own colour's response
+    for f, ((cy, cx),) in enumerate(trajectory(prompt, "smooth", 5)):
+        blob = torch.exp(-((torch.arange(8.0)[:, None] - cy) ** 2 + (torch.arange(8.0)[None] - cx) ** 2) / 3.92)
+        tinted[:, f] += LATENT_SCALE * 3.0 * colour_signature("green")[:, None, None] * blob
+    bad = judge(tinted, prompt)
+    assert not bad.passed and bad.failed == ["purity"] and bad.min_purity < 0.8
+
+
+@pytest.mark.parametrize("motion, test", [("jitter", "acceleration"), ("static", "displacement"), ("vanish", "tracked"),
+                                          ("wrong_way", "direction")])
+def test_judge_names_the_test_each_bad_kind_fails(motion, test):
+    verdicts = [judge(render(PROMPTS[s % len(PROMPTS)], motion, s), PROMPTS[s % len(PROMPTS)]) for s in range(48)]
+    assert sum(test in v.failed for v in verdicts) >= 46, [v.failed for v in verdicts]
+    summary = summarize(verdicts, [PROMPTS[s % len(PROMPTS)] for s in range(48)])
+    assert summary[f"failed_{test}_rate"] >= 46 / 48 and set(summary) >= {f"failed_{t}_rate" for t in TESTS[:-1]}
+    assert "failed_start_rate" not in summary  # no first-frame condition: the start test does not apply
 
 
 def test_judge_measures_the_rendered_trajectory():
@@ -259,3 +300,30 @@ def test_the_committed_base_generator_finds_its_object_and_passes_20_to_75_perce
     report = summarize([judge(x, prompt) for x, (prompt, _) in zip(latents, pairs)], [p for p, _ in pairs])
     assert report["detected_rate"] >= 0.9 and 0.2 <= report["pass_rate"] <= 0.75, report
 
+
+def test_labelled_generator_samples_carry_the_judges_verdicts_and_pair_passed_with_failed(tmp_path):
+    """The PAVRM's data as the paper builds it: a generator's samples labelled by the judge. A random generator fails
+    every sample; of the rendered videos mixed in the smooth ones of the benchmark's range of looks pass."""
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.preset("synthetic"))
+    counts = write_generated(model, tmp_path, count=8, val_count=4, rendered_per_kind=4, steps=2)
+    train = LatentListDataset(tmp_path / "train.list", required_fields=("motion_quality", "failed"))
+    assert len(train) == 8 + 4 * len(MOTIONS) and len(LatentListDataset(tmp_path / "val.list")) == 4 + 4 * len(MOTIONS)
+    generated = [m for m in train.metas if m["origin"] == "generated"]
+    assert [(m["prompt"], m["seed"]) for m in generated] == split_pairs("train", 8)
+    for index, meta in enumerate(train.metas):
+        sample = train[index]
+        verdict = judge(sample["latents"], meta["prompt"])
+        assert meta["failed"] == verdict.failed and sample["motion_quality"] == float(verdict.passed)
+        torch.testing.assert_close(sample["context"], encode_prompt(meta["prompt"]))
+    assert not any(m["motion_quality"] for m in generated)
+    rendered_passed = [m for m in train.metas if m["origin"] == "rendered" and m["motion_quality"]]
+    assert rendered_passed and all(m["motion"] == "smooth" for m in rendered_passed)
+    pairs = LatentListDataset(tmp_path / "train_pairs.list", required_fields=("pair_id", "preferred"))
+    assert counts["train"]["pairs"] == len(pairs) // 2 == len(rendered_passed)  # each meets a failed one
+    for pair_id in {m["pair_id"] for m in pairs.metas}:
+        members = [m for m in pairs.metas if m["pair_id"] == pair_id]
+        assert len({m["prompt"] for m in members}) == 1
+        assert sorted(m["preferred"] for m in members) == [False, True]
+        assert all(m["preferred"] == bool(m["motion_quality"]) for m in members)
+    assert set(split_pairs("train", 300)).isdisjoint(split_pairs("val", 300) + held_out_pairs(300))

@@ -1,13 +1,27 @@
-"""The synthetic benchmark's judge: whether a latent video's motion is good for its prompt, decided from the latents
-alone by tracking the object of the prompt's colour, and the summary of a set of verdicts (pass rate with its Wilson
-interval, detection, diversity, the track's medians, first-frame adherence).
+"""The synthetic benchmark's judge: whether a latent video is good for its prompt, decided from the latents alone by
+tracking the object of the prompt's colour, and the summary of a set of verdicts (pass rate with its Wilson interval,
+which tests failed how often, detection, diversity, the track's medians, first-frame adherence).
+
+A video passes when every test holds; `Verdict.failed` names those that did not:
+
+    tracked       exactly one object of the prompt's colour in every frame
+    size, peak,   in every frame the object is as large, as bright and as pure in colour as rendered objects are
+    purity        (OBJECT_RANGES): a generator cannot pass with a bloated, glaring or off-colour object
+    displacement  it travels far enough
+    direction     in the prompt's direction
+    jump,         without jumps or changes of speed (the physics)
+    acceleration
+    start         first-frame variant: frame 0 puts it where the condition does
+
+The object tests close a hole a reward can exploit: PRFL against a PAVRM that rewards a trait of the object it never
+saw vary (PRFL without SFT) made objects about twice as wide and brighter, which a path-only judge passed.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -27,6 +41,13 @@ class Verdict:
     positions: list[tuple[float, float]]  # object centre per frame (nan where not found)
     conditioned: bool = False  # judged against a first-frame condition (the i2v variant)
     start_distance: float = math.nan  # first-frame variant: frame 0's object from the condition's, latent pixels
+    failed: list[str] = field(default_factory=list)  # the tests that did not hold (TESTS), in their order
+    # the object's extremes over the frames it was found in (nan where it never was)
+    min_size: float = math.nan
+    max_size: float = math.nan
+    min_peak: float = math.nan
+    max_peak: float = math.nan
+    min_purity: float = math.nan
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,6 +59,13 @@ MIN_COSINE = 0.8
 MAX_ACCELERATION = 1.0
 MAX_JUMP = 1.6  # a smooth step is at most 0.9 px
 MAX_START_DISTANCE = 1.0  # first-frame variant: frame 0 within this of the condition's start (a wrong start: >= 2)
+# The object as rendered, over 500 seeds x 6 frames: 16-25 pixels above half the detection threshold, a peak of
+# 2.62-3.12 along its colour signature, colour purity >= 0.999 (cosine of its colour channels with the signature).
+# The ranges allow about 35% on size and 40% / 15% below / above on the peak, so that a generator's imperfect but
+# fair objects pass (the i2v base's: 12-29 px, peaks 1.85-3.51); an object 1.5x as wide as rendered measures
+# 27-50 px, one twice as wide 43-64.
+OBJECT_RANGES = {"size": (10.0, 32.0), "peak": (0.6 * AMPLITUDE, 1.2 * AMPLITUDE), "purity": (0.95, 1.0)}
+TESTS = ("tracked", "size", "peak", "purity", "displacement", "direction", "jump", "acceleration", "start")
 
 
 def _components(mask: torch.Tensor) -> list[torch.Tensor]:
@@ -59,20 +87,35 @@ def _components(mask: torch.Tensor) -> list[torch.Tensor]:
     return comps
 
 
-def _track(response: torch.Tensor) -> tuple[list[tuple[float, float]], int, int]:
-    """Per frame of a colour response [F, H, W], the centre of the one object it shows (nan if not exactly one);
-    the frames with one object; the most objects in a frame."""
-    positions, detected, most = [], 0, 0
-    for frame in response:
-        comps = [c for c in _components(frame > DETECT_THRESHOLD * 0.5) if frame[c[:, 0], c[:, 1]].max() > DETECT_THRESHOLD]
-        most = max(most, len(comps))
-        if len(comps) == 1:
-            detected += 1
-            weights = frame[comps[0][:, 0], comps[0][:, 1]]
-            positions.append(tuple((comps[0].float() * weights[:, None]).sum(0).div(weights.sum()).tolist()))
-        else:
-            positions.append((math.nan, math.nan))
-    return positions, detected, most
+@dataclass
+class _Track:
+    positions: list[tuple[float, float]]  # the object's centre per frame (nan where not exactly one object)
+    detected: int  # frames with exactly one object
+    most: int  # the most objects in one frame
+    objects: list[tuple[float, float, float]]  # (size, peak, purity) per frame with one object
+
+
+def _track(video: torch.Tensor, signature: torch.Tensor) -> _Track:
+    """Follow the object of colour `signature` through an unscaled video [16, F, H, W]: per frame, the components
+    of its colour response above half the detection threshold whose peak passes it; with exactly one, its
+    response-weighted centre, its size (pixels), peak and colour purity (cosine of its response-weighted colour
+    channels 4..15 with the signature)."""
+    track = _Track([], 0, 0, [])
+    for frame, response in zip(video.unbind(1), torch.einsum("cfhw,c->fhw", video, signature)):
+        comps = [c for c in _components(response > DETECT_THRESHOLD * 0.5)
+                 if response[c[:, 0], c[:, 1]].max() > DETECT_THRESHOLD]
+        track.most = max(track.most, len(comps))
+        if len(comps) != 1:
+            track.positions.append((math.nan, math.nan))
+            continue
+        (comp,) = comps
+        weights = response[comp[:, 0], comp[:, 1]]
+        track.detected += 1
+        track.positions.append(tuple((comp.float() * weights[:, None]).sum(0).div(weights.sum()).tolist()))
+        colour = (frame[4:, comp[:, 0], comp[:, 1]] * weights).sum(1)
+        track.objects.append((float(len(comp)), weights.max().item(),
+                              (colour @ signature[4:] / colour.norm().clamp(min=1e-12)).item()))
+    return track
 
 
 def judge(latents: torch.Tensor, prompt: str, condition: torch.Tensor | None = None) -> Verdict:
@@ -81,8 +124,8 @@ def judge(latents: torch.Tensor, prompt: str, condition: torch.Tensor | None = N
     condition (its first latent frame [16, H, W]) puts the object."""
     p = parse_prompt(prompt)
     signature = colour_signature(p.colour)
-    response = torch.einsum("cfhw,c->fhw", latents.float() / LATENT_SCALE, signature)
-    positions, detected, most = _track(response)
+    found = _track(latents.float() / LATENT_SCALE, signature)
+    positions, detected = found.positions, found.detected
     track = torch.tensor(positions)
     frames = len(positions)
     if detected == frames and frames >= 3:
@@ -97,18 +140,31 @@ def judge(latents: torch.Tensor, prompt: str, condition: torch.Tensor | None = N
         displacement = cosine = max_jump = max_acceleration = math.nan
     start_distance = math.nan
     if condition is not None:
-        (start,), _, _ = _track(torch.einsum("chw,c->hw", condition.float() / LATENT_SCALE, signature)[None])
+        (start,) = _track(condition.float()[:, None] / LATENT_SCALE, signature).positions
         start_distance = (torch.tensor(positions[0]) - torch.tensor(start)).norm().item()
-    passed = (detected == frames and displacement >= MIN_DISPLACEMENT and cosine >= MIN_COSINE
-              and max_acceleration <= MAX_ACCELERATION and max_jump <= MAX_JUMP
-              and (condition is None or start_distance <= MAX_START_DISTANCE))
-    return Verdict(bool(passed), detected, most, displacement, cosine, max_jump, max_acceleration, positions,
-                   condition is not None, start_distance)
+    # A test reads what could be measured: the object tests the frames it was found in, the path tests a path
+    # found in every frame; where that is missing, "tracked" is the test that failed.
+    tracked = detected == frames
+    measured = list(zip(*found.objects)) if found.objects else [[] for _ in OBJECT_RANGES]
+    held = {"tracked": tracked,
+            **{name: all(low <= v <= high for v in values)
+               for (name, (low, high)), values in zip(OBJECT_RANGES.items(), measured)},
+            "displacement": not tracked or displacement >= MIN_DISPLACEMENT,
+            "direction": not tracked or cosine >= MIN_COSINE, "jump": not tracked or max_jump <= MAX_JUMP,
+            "acceleration": not tracked or max_acceleration <= MAX_ACCELERATION,
+            "start": condition is None or start_distance <= MAX_START_DISTANCE}
+    sizes, peaks, purities = measured
+    failed = [name for name in TESTS if not held[name]]
+    return Verdict(not failed, detected, found.most, displacement, cosine, max_jump, max_acceleration, positions,
+                   condition is not None, start_distance, failed,
+                   min(sizes, default=math.nan), max(sizes, default=math.nan), min(peaks, default=math.nan),
+                   max(peaks, default=math.nan), min(purities, default=math.nan))
 
 
 # summary key -> the Verdict measurement it is the median of
 TRACK_MEDIANS = {"median_direction_cosine": "direction_cosine", "median_displacement_px": "displacement",
-                 "median_max_jump_px": "max_jump", "median_max_acceleration_px": "max_acceleration"}
+                 "median_max_jump_px": "max_jump", "median_max_acceleration_px": "max_acceleration",
+                 "median_max_size_px": "max_size", "median_max_peak": "max_peak"}
 
 
 def _spread(groups: dict[str, list[tuple[float, float]]]) -> float:
@@ -118,8 +174,8 @@ def _spread(groups: dict[str, list[tuple[float, float]]]) -> float:
 
 
 def summarize(verdicts: list[Verdict], prompts: list[str]) -> dict:
-    """Pass rate (with its Wilson 95% interval), detection rates, diversity and the medians of the judge's track
-    measurements; in the first-frame variant also the share of videos that start where their condition does
+    """Pass rate (with its Wilson 95% interval), how often each test failed (failed_<test>_rate; a video can fail
+    several), detection rates, diversity and the medians of the judge's track and object measurements; in the first-frame variant also the share of videos that start where their condition does
     (first_frame_rate, with its interval).
 
     detected_rate counts the samples where the judge finds the prompt's object, i.e. one object of its colour in
@@ -141,6 +197,8 @@ def summarize(verdicts: list[Verdict], prompts: list[str]) -> dict:
     n, passed = len(verdicts), sum(v.passed for v in verdicts)
     low, high = wilson_interval(passed, n)
     summary = {"samples": n, "pass_rate": passed / n, "pass_rate_ci95_low": low, "pass_rate_ci95_high": high,
+               **{f"failed_{name}_rate": sum(name in v.failed for v in verdicts) / n for name in TESTS
+                  if name != "start" or any(v.conditioned for v in verdicts)},
                "detected_rate": sum(2 * v.detected_frames > len(v.positions) for v in verdicts) / n,
                "tracked_rate": sum(v.detected_frames == len(v.positions) for v in verdicts) / n,
                "trajectory_spread_px": _spread(starts), "motion_spread_px": _spread(moves),
